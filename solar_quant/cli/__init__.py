@@ -1,0 +1,1 @@
+"""The `solar-quant` command line: one small module per verb under `commands/`."""

@@ -1,0 +1,26 @@
+"""The Typer application: registers each verb from `solar_quant.cli.commands`."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from solar_quant.cli.commands import inspect_cmd, models_cmd, quantize_cmd
+
+app = typer.Typer(
+    name="solar-quant",
+    help="Quantize Llama-2-family checkpoints (SOLAR-0-70b and kin) to bitsandbytes and GPTQ, streaming, and prove each variant against fp16.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for module in (models_cmd, inspect_cmd, quantize_cmd):
+    module.register(app)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    app()

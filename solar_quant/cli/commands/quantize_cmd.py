@@ -1,0 +1,76 @@
+"""`solar-quant quantize SRC OUT --method ...`: write a bitsandbytes, GPTQ or RTN variant."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from solar_quant.cli import options as o
+from solar_quant.cli.errors import friendly
+
+BNB_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4")
+GPTQ_METHODS = ("gptq", "rtn")
+
+
+@friendly
+def quantize(
+    src: Annotated[str, typer.Argument(help="16-bit source checkpoint folder (never modified).")],
+    out: Annotated[str, typer.Argument(help="Output folder; appears only when complete.")],
+    method: Annotated[str, typer.Option("--method", help="bnb-int8, bnb-nf4, bnb-fp4, gptq or rtn.")],
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="bnb 4-bit: quantize the absmax constants too.")] = False,
+    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="bnb 4-bit compute dtype: float16, bfloat16, float32.")] = "float16",
+    skip_modules: Annotated[Optional[list[str]], typer.Option("--skip-modules", help="bnb: module names kept in 16-bit (default: lm_head).")] = None,
+    bits: Annotated[int, typer.Option("--bits", help="gptq/rtn: 2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="gptq/rtn: 32, 64, 128, ... or -1 for none.")] = 128,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="gptq: quantize columns by descending Hessian diagonal (desc_act).")] = False,
+    static_groups: Annotated[bool, typer.Option("--static-groups", help="gptq act-order: fix group parameters before reordering.")] = False,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="gptq/rtn: symmetric or asymmetric grid.")] = True,
+    damp: Annotated[float, typer.Option("--damp", help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
+    block_size: Annotated[int, typer.Option("--block-size", help="gptq: columns per lazy-update block.")] = 128,
+    calibration: o.CalibrationArtifact = None,
+    source: o.CalibSource = None,
+    fmt: o.CalibFormat = None,
+    template: o.Template = "solar",
+    nsamples: o.NSamples = 128,
+    seqlen: o.SeqLen = 2048,
+    seed: o.Seed = 0,
+    short: o.Short = "pack",
+    device: o.Device = "cpu",
+    rope_scaling: o.RopeScalingOpt = "keep",
+    shard_size: o.ShardSize = "2GB",
+    overwrite: o.Overwrite = False,
+    resume: Annotated[bool, typer.Option("--resume", help="gptq: continue an interrupted job in OUT's staging folder.")] = False,
+) -> None:
+    """Quantize SRC into OUT, one tensor (bnb) or one decoder layer (gptq/rtn) at a time."""
+    from solar_quant.options import OutputOptions, build, parse_size
+    from solar_quant.rope import RopeScaling
+
+    RopeScaling.parse(rope_scaling)
+    output = build(OutputOptions, shard_size=parse_size(shard_size), rope_scaling=rope_scaling, overwrite=overwrite)
+    if method in BNB_METHODS:
+        from solar_quant.options import BnbOptions
+        from solar_quant.pipeline.bnb import build_bnb_variant
+
+        bnb = build(BnbOptions, method=method, double_quant=double_quant, compute_dtype=compute_dtype,
+                    skip_modules=tuple(skip_modules or ("lm_head",)))
+        path = build_bnb_variant(src, out, bnb, output)
+    elif method in GPTQ_METHODS:
+        from solar_quant.calibration.artifact import calibration_from_cli
+        from solar_quant.options import GptqOptions
+        from solar_quant.pipeline.gptq import build_gptq_variant
+
+        gptq = build(GptqOptions, method=method, bits=bits, group_size=group_size, act_order=act_order,
+                     static_groups=static_groups, sym=sym, damp=damp, block_size=block_size)
+        calib = None if method == "rtn" else calibration_from_cli(
+            src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen, seed=seed, short=short)
+        path = build_gptq_variant(src, out, gptq, calib, output, device=device, resume=resume)
+    else:
+        from solar_quant.errors import OptionError
+
+        raise OptionError(f"--method {method!r}: expected one of {', '.join(BNB_METHODS + GPTQ_METHODS)}")
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize)

@@ -1,0 +1,34 @@
+"""Turn known exceptions into one line on stderr and an exit code; never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+
+from solar_quant.errors import Interrupted, SolarQuantError
+
+
+def report(message: str) -> None:
+    typer.echo(f"solar-quant: error: {message}", err=True)
+
+
+def friendly(fn):
+    """Decorator for command functions: SolarQuantError -> one line + its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SolarQuantError as e:
+            report(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            report(str(Interrupted("interrupted")))
+            raise typer.Exit(Interrupted.exit_code) from None
+        except MemoryError:
+            report("out of host memory; use a smaller --seqlen/--nsamples or a machine with more RAM")
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Evaluation against the fp16 baseline: perplexity, KL, long context, passkey, reports."""

@@ -1,0 +1,1 @@
+"""Quantization methods as pure functions of tensors: rtn, gptq, bnb."""

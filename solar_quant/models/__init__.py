@@ -1,0 +1,1 @@
+"""Models that ship with solar-quant: the embedded SmolLM2-135M-Instruct default."""

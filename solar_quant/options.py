@@ -1,0 +1,114 @@
+"""Typed, frozen options shared by the CLI, the recipes and the library entry points.
+
+Every stage takes one of these models: the CLI builds them from flags, a recipe from TOML.
+Unknown keys are errors (`extra="forbid"`), and pydantic's messages name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from solar_quant.errors import OptionError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(Frozen):
+    """One calibration source: a file, its weight in the mix, and its format."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+    format: Literal["auto", "orca", "alpaca", "chat", "text"] = "auto"
+
+
+class CalibrationOptions(Frozen):
+    sources: list[SourceSpec] = Field(default_factory=list)  # empty: the bundled default set
+    template: Literal["solar", "chat_template", "raw"] = "solar"
+    nsamples: int = Field(128, gt=0)
+    seqlen: int = Field(2048, gt=0)
+    short: Literal["pack", "drop"] = "pack"  # what to do with samples shorter than seqlen
+    seed: int = 0
+
+
+class BnbOptions(Frozen):
+    method: Literal["bnb-int8", "bnb-nf4", "bnb-fp4"]
+    double_quant: bool = False
+    compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    skip_modules: tuple[str, ...] = ("lm_head",)
+
+
+class GptqOptions(Frozen):
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128  # -1: one group per output row (no grouping)
+    sym: bool = True
+    act_order: bool = False  # desc_act
+    static_groups: bool = False
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, gt=0)
+    true_sequential: bool = True
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("group_size must be a positive integer or -1 (no grouping)")
+        return v
+
+
+class OutputOptions(Frozen):
+    shard_size: int = Field(2 * 1024**3, gt=0)  # bytes
+    rope_scaling: str = "keep"  # keep | none | dynamic:F | linear:F
+    overwrite: bool = False
+
+
+class EvalOptions(Frozen):
+    text: str | None = None  # None: the bundled held-out text
+    seqlen: int = Field(512, gt=0)
+    stride: int | None = None  # None: equal to seqlen (non-overlapping windows)
+    max_tokens: int | None = Field(None, gt=0)
+    contexts: tuple[int, ...] = ()  # long-context lengths; empty: no long-context section
+    bucket: int | None = None  # position-bucket width for long-context tables
+    trained_length: int | None = Field(None, gt=0)
+    rope_scaling: str | None = None  # None: what each model's config says
+    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    passkey_trials: int = Field(3, ge=0)
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp32 on CPU, fp16 on CUDA
+    device_map: str | None = None
+    max_ppl_ratio: float | None = None
+    max_kld: float | None = None
+    min_top1: float | None = None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str = "--shard-size") -> int:
+    """'2GB', '500MB', '1.5GiB', '123' (bytes) -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise OptionError(f"{flag} {text!r}: expected a size such as 2GB, 500MB or 1073741824")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    factor = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
+    value = int(float(m.group(1)) * factor)
+    if value <= 0:
+        raise OptionError(f"{flag} {text!r}: must be larger than 0")
+    return value
+
+
+def build(model: type[Frozen], flag_prefix: str = "--", **values):
+    """Construct an options model from CLI values; a validation error names the flag."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise OptionError(f"{flag_prefix}{field.replace('_', '-')}: {err['msg']}") from None

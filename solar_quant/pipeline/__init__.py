@@ -1,0 +1,1 @@
+"""Orchestration: stream a source checkpoint through a method into a variant folder."""
