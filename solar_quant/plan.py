@@ -9,7 +9,7 @@ Runtime overhead, per GPU used (measured with `bench/plan_overhead_gpu.py`, READ
 - prefill activations of one decoder layer at a time with SDPA attention:
   `tokens x (3 x intermediate + 4 x hidden) x 2` bytes, tokens = context x batch;
 - on the GPU holding lm_head, when scoring every position (eval, `logits="all"`):
-  `tokens x vocab x 10.5` bytes (fp16 logits, their fp32 upcast and log-softmax), which
+  `tokens x vocab x 10.52` bytes (fp16 logits, their fp32 upcast and log-softmax), which
   replaces the activations term if larger (the two peaks do not overlap);
 - quantized variants: one fp16 copy of the largest Linear (kernels that dequantize the
   weight for prefill matmuls; an estimate, not measured here).
@@ -31,7 +31,7 @@ __all__ = ["Variant", "default_variants", "linear_tensor_specs", "weight_bytes",
 GIB = 1024**3
 GB = 10**9
 CUDA_CONTEXT_BYTES = 1 * GIB
-SCORING_BYTES_PER_LOGIT = 10.5  # measured: fp16 logits + fp32 upcast + log-softmax during a loss
+SCORING_BYTES_PER_LOGIT = 10.52  # measured: fp16 logits + fp32 upcast + log-softmax during a loss
 ACTIVATION_BYTES = 2  # fp16 activations
 MAX_EXTRA_GPUS = 64  # how far `gpus_needed` looks when the given GPUs are too few
 
@@ -280,5 +280,5 @@ def format_plan(rows: list[PlanRow], title: str, gpus_text: str, context: int, b
               "KV: fp16 keys+values, 2 x layers x kv_heads x head_dim x context x batch x 2 B.",
               "overhead per GPU used: 1 GiB CUDA context + prefill activations context x batch x (3 x intermediate "
               "+ 4 x hidden) x 2 B (on the lm_head GPU with logits=all: max of that and context x batch x vocab x "
-              "10.5 B) + for quantized variants one fp16 copy of the largest Linear."]
+              "10.52 B) + for quantized variants one fp16 copy of the largest Linear."]
     return "\n".join(lines)
