@@ -24,9 +24,9 @@ from solar_quant.errors import OptionError
 from solar_quant.formats.sizes import Variant, default_variants, linear_tensor_specs, spec_bytes
 from solar_quant.gpus import Gpu
 
-__all__ = ["Variant", "default_variants", "linear_tensor_specs", "weight_bytes", "tensor_specs", "kv_cache_bytes",
-           "format_plan", "split_summary",
-           "plan", "PlanRow", "GpuSlot", "layer_split", "device_map", "CUDA_CONTEXT_BYTES"]
+__all__ = ["Variant", "default_variants", "linear_tensor_specs", "weight_bytes", "layer_weight_bytes", "tensor_specs",
+           "kv_cache_bytes", "activation_bytes", "scoring_bytes", "plan", "PlanRow", "GpuSlot", "layer_split",
+           "device_map", "format_plan", "split_summary", "CUDA_CONTEXT_BYTES"]
 
 GIB = 1024**3
 GB = 10**9
