@@ -1,0 +1,150 @@
+"""`solar-quant run RECIPE`: calibrate -> quantize -> verify -> evaluate -> model card.
+
+Layout of the run folder (default `out/<recipe name>`):
+  calibration/        the calibration artifact (if any variant needs one)
+  <variant name>/     each variant folder (atomic; README.md card added after evaluation)
+  eval/               report.json, report.md, plots, baseline cache
+  run.json            the recipe, the resolved paths and the summary
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from solar_quant.errors import GateError, OutputError, VerificationError
+from solar_quant.options import OutputOptions, parse_size
+from solar_quant.progress import log as default_log
+from solar_quant.recipe import Recipe, VariantSection, load_recipe
+
+
+@dataclass
+class RunResult:
+    out: Path
+    variants: dict[str, Path] = field(default_factory=dict)
+    summary: list[dict] = field(default_factory=list)
+    report: dict | None = None
+    gate_failure: str | None = None
+
+
+def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
+    if override:
+        return Path(override)
+    if recipe.model.path:
+        return Path(recipe.model.path).expanduser()
+    if recipe.model.demo:
+        from solar_quant.models.demo import demo_model_path
+
+        return demo_model_path()
+    return None
+
+
+def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = None, resume: bool = False,
+               overwrite: bool = False, log=default_log) -> RunResult:
+    recipe = load_recipe(recipe_path)
+    model_path = resolve_model(recipe, model)
+    if model_path is None:
+        raise OutputError(f"{recipe_path}: model.path is not set; pass --model PATH to the 16-bit checkpoint")
+    from solar_quant.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(model_path)
+    reader.require_llama()
+    reader.require_unquantized()
+    root = Path(out or Path("out") / recipe.name)
+    result = RunResult(root)
+    _check_outputs(root, recipe, resume, overwrite)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    calib = _calibration(recipe, model_path, root, resume, log) if recipe.needs_calibration() else None
+    for v in recipe.variants:
+        result.variants[v.name] = _quantize(recipe, v, model_path, root, calib, resume, overwrite, log)
+    for name, path in result.variants.items():
+        _verify(path, model_path, log)
+
+    if recipe.eval is not None:
+        from solar_quant.evaluate.run import evaluate
+
+        log(f"[run] evaluating {len(result.variants)} variant(s) against {model_path}")
+        try:
+            result.report = evaluate(str(model_path), [str(p) for p in result.variants.values()], recipe.eval,
+                                     str(root / "eval"), log=log)
+        except GateError as e:
+            result.gate_failure = str(e)
+            result.report = json.loads((root / "eval" / "report.json").read_text())
+    _write_cards(recipe, Path(recipe_path), model_path, result)
+    result.summary = _summary(result)
+    (root / "run.json").write_text(json.dumps({
+        "recipe": str(recipe_path), "model": str(model_path), "variants": {k: str(v) for k, v in result.variants.items()},
+        "summary": result.summary, "gate_failure": result.gate_failure,
+        "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+    return result
+
+
+def _check_outputs(root: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    if resume or overwrite:
+        return
+    for v in recipe.variants:
+        if (root / v.name).exists():
+            raise OutputError(f"{root / v.name}: already exists; pass --resume to keep finished variants or --overwrite to redo them")
+
+
+def _calibration(recipe: Recipe, model_path: Path, root: Path, resume: bool, log):
+    from solar_quant.calibration.artifact import load_calibration
+    from solar_quant.calibration.build import build_calibration
+
+    path = root / "calibration"
+    if path.exists() and resume:
+        log(f"[run] reusing calibration artifact {path}")
+        return load_calibration(path)
+    calib = build_calibration(str(model_path), recipe.calibration, log=log)
+    calib.save(path, overwrite=True)
+    return load_calibration(path)
+
+
+def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, calib, resume: bool, overwrite: bool, log) -> Path:
+    final = root / v.name
+    if resume and (final / "manifest.json").is_file():
+        log(f"[run] {v.name}: already complete, kept")
+        return final
+    output = OutputOptions(shard_size=parse_size(v.shard_size, "shard_size"), rope_scaling=v.rope_scaling, overwrite=overwrite)
+    log(f"[run] {v.name}: quantizing with {v.quantize.method}")
+    if v.quantize.method.startswith("bnb-"):
+        from solar_quant.pipeline.bnb import build_bnb_variant
+
+        return build_bnb_variant(str(model_path), str(final), v.quantize, output, log=log)
+    from solar_quant.pipeline.gptq import build_gptq_variant
+
+    return build_gptq_variant(str(model_path), str(final), v.quantize, calib if v.quantize.method == "gptq" else None,
+                              output, device=recipe.device, resume=resume, log=log)
+
+
+def _verify(path: Path, source: Path, log) -> None:
+    from solar_quant.verify import verify_variant
+
+    findings = verify_variant(path, source=source)
+    if findings:
+        raise VerificationError(f"{path}: verify found {len(findings)} problem(s), first: {findings[0]}")
+    log(f"[run] {path.name}: verified")
+
+
+def _write_cards(recipe: Recipe, recipe_path: Path, model_path: Path, result: RunResult) -> None:
+    from solar_quant.pipeline.cards import write_card
+
+    for v in recipe.variants:
+        write_card(recipe, recipe_path, model_path, v, result.variants[v.name], result.report)
+
+
+def _summary(result: RunResult) -> list[dict]:
+    from solar_quant.pipeline.cards import eval_row_for
+
+    rows = []
+    for name, path in result.variants.items():
+        size = sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
+        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": str(path)}
+        if result.report:
+            row.update(eval_row_for(result.report, path))
+        rows.append(row)
+    return rows

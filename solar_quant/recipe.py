@@ -1,0 +1,104 @@
+"""Recipes: one TOML file per deliverable, validated by pydantic (unknown keys are errors).
+
+A recipe names the model, the calibration set, one or more variants (method + options +
+output settings) and the evaluation protocol with its gates. `solar-quant run RECIPE`
+carries it out; `--dry-run` validates it and prints the plan.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, ValidationError, field_validator
+
+from solar_quant.errors import InputError
+from solar_quant.options import BnbOptions, CalibrationOptions, EvalOptions, Frozen, GptqOptions, parse_size
+from solar_quant.rope import RopeScaling
+
+METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "gptq", "rtn")
+QuantizeOptions = Annotated[Union[BnbOptions, GptqOptions], Field(discriminator="method")]
+
+
+class ModelSection(Frozen):
+    """`path` is a local 16-bit checkpoint folder; `demo = true` uses the embedded SmolLM2."""
+
+    path: str | None = None
+    demo: bool = False
+    preset: Literal["solar-0-70b"] | None = None  # shapes for --dry-run when the checkpoint is not at hand
+    name: str = "model"
+    license: str | None = None
+    template: Literal["solar", "chat_template", "raw"] = "solar"
+
+
+class VariantSection(Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    quantize: QuantizeOptions
+    rope_scaling: str = "keep"
+    shard_size: str = "2GB"
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope(cls, v: str) -> str:
+        RopeScaling.parse(v, flag="rope_scaling")
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v, flag="shard_size")
+        return v
+
+
+class Recipe(Frozen):
+    name: str = Field(min_length=1)
+    description: str = ""
+    model: ModelSection
+    calibration: CalibrationOptions = CalibrationOptions()
+    variants: list[VariantSection] = Field(min_length=1)
+    eval: EvalOptions | None = None  # None: no evaluation step
+    device: str = "cpu"
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[VariantSection]) -> list[VariantSection]:
+        names = [x.name for x in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, found {names}")
+        return v
+
+    def needs_calibration(self) -> bool:
+        return any(v.quantize.method == "gptq" for v in self.variants)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found; pass a .toml file (see recipes/)")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        raise InputError(f"{path}: {_first_error(e)}") from None
+    except InputError as e:  # raised by a field validator (e.g. a bad rope_scaling string)
+        raise InputError(f"{path}: {e}") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    parts = list(err["loc"])
+    parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "quantize" and p in METHODS)]
+    loc = ".".join(str(p) for p in parts)
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'; check the spelling against recipes/README.md"
+    if err["type"] == "missing":
+        return f"missing key '{loc}'"
+    if err["type"] == "union_tag_invalid":
+        return f"'{loc}': method must be one of bnb-int8, bnb-nf4, bnb-fp4, gptq, rtn"
+    return f"'{loc}': {err['msg']}"
