@@ -64,8 +64,6 @@ def _not_enough(readers, names, quotas, opts, encoder, got: dict[int, int]) -> C
 def build_calibration(model_path: str | Path, opts: CalibrationOptions,
                       log: Callable[[str], None] = progress.log) -> CalibrationSet:
     """Token rows [nsamples, seqlen] mixed from `opts.sources` (empty: the bundled default)."""
-    tokenizer = load_tokenizer(model_path)
-    template = get_template(opts.template, tokenizer)
     specs = list(opts.sources) or default_sources()
     names = [display_name(s.path) for s in specs]
     readers = [open_source(s, log, n) for s, n in zip(specs, names)]
@@ -73,6 +71,8 @@ def build_calibration(model_path: str | Path, opts: CalibrationOptions,
         if reader.count == 0:
             raise CalibrationError(f"{name}: no usable documents after filtering ({reader.records} records, "
                                    f"{reader.skipped_empty} with empty text); check the file or its --format")
+    tokenizer = load_tokenizer(model_path)
+    template = get_template(opts.template, tokenizer)
     quotas = mix_quotas([s.weight for s in specs], opts.nsamples)
     encoder = DocumentEncoder(tokenizer, template)
     taken: list[Rows] = []
