@@ -240,7 +240,7 @@ def _load_array(reader: SourceReader, name: str) -> None:
     if not isinstance(doc, list):
         raise CalibrationError(f"{name}: expected a JSON array of records or one JSON object per line")
     if reader.format == "auto":
-        reader.format = detect_format(doc[0] if doc else {}, f"{name} record 1")
+        reader.format = detect_format(doc[0], f"{name} record 1") if doc else "alpaca"
     docs = [to_document(rec, reader.format, f"{name} record {i + 1}") for i, rec in enumerate(doc)]
     reader.records = len(docs)
     reader.in_memory = [d for d in docs if d is not None]
