@@ -63,3 +63,77 @@ def load_calibration(path: str | Path) -> CalibrationSet:
     if card.get("sha256") and card["sha256"] != ids_sha256(ids):
         raise CalibrationError(f"{ids_path}: sha256 differs from {CARD_FILE}; the artifact was modified, rebuild it")
     return CalibrationSet(ids, card)
+
+
+# --- tokenizer identity ------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def load_tokenizer(model_path: str | Path):
+    """The model folder's tokenizer; a folder without a loadable one is a CalibrationError."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise CalibrationError(f"--model {path}: no such folder")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CalibrationError(f"{path}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files into the folder")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types (OSError, ValueError, JSON and tokenizers errors)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CalibrationError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {detail}); "
+                               "check tokenizer.json / tokenizer_config.json") from None
+
+
+def tokenizer_identity(model_path: str | Path, tokenizer=None) -> dict:
+    """What makes token ids mean the same thing: sha256 of the vocabulary files, vocab size, BOS/EOS."""
+    from solar_quant.checkpoint.manifest import sha256_file
+
+    path = Path(model_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+    files = {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).is_file()}
+    return {"files": files, "vocab_size": len(tok), "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id,
+            "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id}
+
+
+def tokenizer_differences(expected: dict, actual: dict) -> list[str]:
+    """Why two identities differ (empty when the same ids mean the same tokens)."""
+    diffs = [f"{k} {expected.get(k)!r} vs {actual.get(k)!r}" for k in ("vocab_size", "bos_token_id", "eos_token_id")
+             if expected.get(k) != actual.get(k)]
+    a, b = expected.get("files") or {}, actual.get("files") or {}
+    common = set(a) & set(b)
+    if not common:
+        diffs.append(f"no tokenizer file in common ({sorted(a)} vs {sorted(b)})")
+    diffs += [f"{name} sha256 differs" for name in sorted(common) if a[name] != b[name]]
+    return diffs
+
+
+def check_tokenizer(calib: CalibrationSet, model_path: str | Path, calib_path: str | Path = "the calibration set") -> None:
+    """Raise if the calibration ids were made with another tokenizer than the model's."""
+    expected = calib.card.get("tokenizer")
+    if not expected:
+        raise CalibrationError(f"{calib_path}: the card records no tokenizer identity; rebuild it with `solar-quant calibrate`")
+    diffs = tokenizer_differences(expected, tokenizer_identity(model_path))
+    if diffs:
+        raise CalibrationError(f"{calib_path} was built with a different tokenizer than {model_path} ({'; '.join(diffs)}); "
+                               f"rebuild it with `solar-quant calibrate --model {model_path}`")
+
+
+def calibration_from_cli(model_path, calibration, source, fmt, *, template: str = "solar", nsamples: int = 128,
+                         seqlen: int = 2048, seed: int = 0, short: str = "pack") -> CalibrationSet:
+    """What a command's calibration flags ask for: a saved artifact (checked against the model's
+    tokenizer) or a set built now from `--source/--format/--template/...` (default: bundled)."""
+    from solar_quant.errors import OptionError
+
+    if calibration:
+        if source or fmt:
+            raise OptionError("give either --calibration (a saved artifact) or --source/--format, not both")
+        calib = load_calibration(calibration)
+        check_tokenizer(calib, model_path, calibration)
+        return calib
+    from solar_quant.calibration.build import build_calibration, calibration_options
+
+    return build_calibration(model_path, calibration_options(source, fmt, template=template, nsamples=nsamples,
+                                                             seqlen=seqlen, seed=seed, short=short))

@@ -6,7 +6,9 @@ import os
 
 import typer
 
-from solar_quant.cli.commands import inspect_cmd, models_cmd, plan_cmd, quantize_cmd
+from solar_quant.cli.commands import calibrate_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd
+
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd)
 
 app = typer.Typer(
     name="solar-quant",
@@ -15,8 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-for module in (models_cmd, inspect_cmd, plan_cmd, quantize_cmd):
+for module in VERBS:
     module.register(app)
 
 
