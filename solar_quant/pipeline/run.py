@@ -148,3 +148,27 @@ def _summary(result: RunResult) -> list[dict]:
             row.update(eval_row_for(result.report, path))
         rows.append(row)
     return rows
+
+
+def format_summary(result: RunResult) -> str:
+    """The console table printed at the end of `run`, then where things are."""
+    if not result.summary:
+        return f"run folder: {result.out}"
+    cols = list(dict.fromkeys(k for row in result.summary for k in row if k != "path"))
+    lines = ["  ".join(f"{c:>14}" if i else f"{c:<28}" for i, c in enumerate(cols))]
+    for row in result.summary:
+        cells = []
+        for i, c in enumerate(cols):
+            v = row.get(c, "")
+            text = f"{v:.4g}" if isinstance(v, float) else str(v)
+            cells.append(f"{text:>14}" if i else f"{text:<28}")
+        lines.append("  ".join(cells))
+    lines.append("")
+    for name, path in result.variants.items():
+        lines.append(f"{name}: {path} (model card: {path / 'README.md'})")
+    if result.report:
+        lines.append(f"evaluation report: {result.out / 'eval' / 'report.md'}")
+    lines.append(f"run record: {result.out / 'run.json'}")
+    if result.gate_failure:
+        lines.append(f"GATE FAILED: {result.gate_failure}")
+    return "\n".join(lines)

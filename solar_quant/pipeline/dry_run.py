@@ -1,0 +1,100 @@
+"""`run --dry-run`: validate a recipe and print what it would do, with memory and time estimates.
+
+Estimates are arithmetic on the shapes (no tensor is read): host memory for the streaming
+quantizers and a wall-time range from throughput figures measured in `bench/` (named below).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from solar_quant.architecture import LlamaShape
+from solar_quant.errors import InputError
+from solar_quant.recipe import Recipe, load_recipe
+
+# Measured throughputs (see bench/README.md for the protocol of each figure).
+# GPTQ: seconds per (calibration token x linear parameter) for Hessian + forward work, and
+# seconds per K^2*N-ish solve unit, folded into one "calibration-token x parameter" rate each.
+CPU_TOKEN_PARAM_PER_S = 2.0e10   # ~fp32 GEMM throughput actually reached on 2 cores (forward + Hessian)
+GPU_TOKEN_PARAM_PER_S = 1.5e14   # fp16 GEMM throughput reached on one H100-class GPU (conservative)
+DISK_BYTES_PER_S = 1.0e9        # reading 16-bit shards and writing outputs
+
+
+def _shape(recipe: Recipe, model: str | None) -> tuple[LlamaShape, str]:
+    from solar_quant.pipeline.run import resolve_model
+
+    path = resolve_model(recipe, model)
+    if path is not None and Path(path).exists():
+        from solar_quant.checkpoint.reader import CheckpointReader
+
+        reader = CheckpointReader(path)
+        reader.require_llama()
+        _ = reader.tensors  # validates every header
+        return LlamaShape.from_config(reader.config, str(Path(path) / "config.json")), str(path)
+    if recipe.model.preset == "solar-0-70b":
+        from solar_quant.models.synthetic import SOLAR_70B_CONFIG
+
+        return LlamaShape.from_config(SOLAR_70B_CONFIG), "preset solar-0-70b (checkpoint not at hand)"
+    raise InputError(f"model path {path} not found and the recipe names no preset; pass --model PATH")
+
+
+def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
+    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline)."""
+    linears = shape.linear_shapes()
+    layer_fp32 = sum(o * i for o, i in linears.values()) * 4
+    largest = max(shape.vocab * shape.hidden, max(o * i for o, i in linears.values())) * 2
+    if method.startswith("bnb-"):
+        return 4 * largest
+    if method == "rtn":
+        return layer_fp32 + 2 * largest
+    acts = 2 * nsamples * seqlen * shape.hidden * 4  # layer inputs and outputs, fp32
+    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * 4
+    return layer_fp32 + acts + hessians + 2 * largest
+
+
+def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+    io = 2 * source_bytes / DISK_BYTES_PER_S
+    if method != "gptq":
+        return io, 3 * io
+    params = sum(o * i for o, i in shape.linear_shapes().values()) * shape.layers
+    rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
+    # forward (2 flops/param/token) twice (collect + recompute) and Hessian (~2 flops/param/token)
+    compute = 6 * nsamples * seqlen * params / rate
+    return compute + io, 3 * (compute + io)
+
+
+def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = None) -> str:
+    from solar_quant.pipeline.cards import fit_rows, variant_of
+    from solar_quant.plan import weight_bytes
+
+    recipe = load_recipe(recipe_path)
+    shape, where = _shape(recipe, model)
+    source_bytes = shape.parameter_count() * 2
+    root = Path(out or Path("out") / recipe.name)
+    lines = [f"recipe {recipe_path}: valid ({len(recipe.variants)} variant(s))", f"model: {where}",
+             f"  {shape.layers} layers, hidden {shape.hidden}, {shape.heads}/{shape.kv_heads} heads, "
+             f"{shape.parameter_count() / 1e9:.2f} B parameters, {source_bytes / 1e9:.1f} GB at 16 bits",
+             f"run folder: {root}"]
+    c = recipe.calibration
+    if recipe.needs_calibration():
+        lines.append(f"calibration: template {c.template}, {c.nsamples} x {c.seqlen} tokens, seed {c.seed}, "
+                     f"sources {[s.path for s in c.sources] or 'bundled default'}")
+    for v in recipe.variants:
+        q = v.quantize
+        variant = variant_of(q)
+        wb = weight_bytes(shape, variant)
+        mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen)
+        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes)
+        lines.append(f"- {v.name}: {variant.name}, rope {v.rope_scaling}, shards <= {v.shard_size}")
+        lines.append(f"    output weights {wb / 1e9:.2f} GB ({wb:,} bytes); host memory while quantizing ~{mem / 1e9:.1f} GB; "
+                     f"time on {recipe.device} ~{lo / 60:.0f}-{hi / 60:.0f} min")
+        fits = [r for r in fit_rows(shape, variant) if r["fits"] != "no"]
+        for context in sorted({r["context"] for r in fits}):
+            first = next(r for r in fits if r["context"] == context)
+            lines.append(f"    fits {first['gpus']} at context {context} ({first['total_gb']:.1f} GB with KV cache and overhead)")
+    if recipe.eval:
+        e = recipe.eval
+        lines.append(f"evaluation: seqlen {e.seqlen}, stride {e.stride or e.seqlen}, max tokens {e.max_tokens}, "
+                     f"contexts {list(e.contexts)}, rope {e.rope_scaling or 'from config'}, gates ppl-ratio<={e.max_ppl_ratio} "
+                     f"kld<={e.max_kld} top1>={e.min_top1}")
+    return "\n".join(lines)
