@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from solar_quant.cli.commands import inspect_cmd, models_cmd, quantize_cmd
+from solar_quant.cli.commands import eval_cmd, inspect_cmd, models_cmd, quantize_cmd
 
 app = typer.Typer(
     name="solar-quant",
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (models_cmd, inspect_cmd, quantize_cmd):
+for module in (models_cmd, inspect_cmd, quantize_cmd, eval_cmd):
     module.register(app)
 
 
