@@ -396,31 +396,36 @@ def test_cli_writes_reports_and_a_broken_variant_fails_its_gate(models, text_fil
     assert "rtn2" in proc.stdout and "FAIL" in proc.stdout  # console table
 
 
-def test_cli_refuses_a_different_tokenizer_or_vocabulary(models, text_file, tmp_path):
-    proc = cli("eval", models["base"], models["othertok"], "--text", text_file, "-o", tmp_path / "a")
+def test_cli_refuses_a_different_tokenizer_short_text_and_missing_gptq_runtime(models, text_file, tmp_path):
+    proc = cli("eval", models["base"], models["othertok"], "--text", text_file, "-o", tmp_path / "o1")
     assert_clean_failure(proc, "othertok", "tokenizer.json")
-    proc = cli("eval", models["base"], models["othervocab"], "--text", text_file, "-o", tmp_path / "b")
-    assert_clean_failure(proc, "othervocab", "vocab_size 32000")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_cli_refuses_short_text_huge_context_and_missing_gptq_runtime(models, text_file, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill a window.")
-    assert_clean_failure(cli("eval", models["base"], models["rtn4"], "--text", short, "-o", tmp_path / "o1"),
+    assert_clean_failure(cli("eval", models["base"], models["rtn4"], "--text", short, "-o", tmp_path / "o2"),
                          "fewer than one window", "--seqlen 512")
-    # memory is estimated before the text is even read: one clear line with the estimate
-    proc = cli("eval", models["base"], models["rtn4"], "--text", text_file, "--seqlen", "32", "--context", "50000000",
-               "--passkey-trials", "0", "-o", tmp_path / "o2")
-    assert_clean_failure(proc, "--context 50000000", "GiB", "free on cpu")
-    proc = cli("eval", models["base"], models["rtn4"], "--text", text_file, "--seqlen", "32", "--context", "4096",
-               "--passkey-trials", "0", "-o", tmp_path / "o3")
-    assert_clean_failure(proc, "--context 4096", "only")
     gptq = gptq_variant(models["base"], tmp_path / "gptq")
     hidden = tmp_path / "hide"
     hidden.mkdir()
     (hidden / "optimum.py").write_text("raise ImportError('optimum hidden for this test')\n")
     proc = cli("eval", models["base"], gptq, "--text", text_file, "--seqlen", "32", "--max-tokens", "64",
-               "-o", tmp_path / "o4", env={"PYTHONPATH": f"{hidden}:{Path(__file__).resolve().parents[1]}"})
+               "-o", tmp_path / "o3", env={"PYTHONPATH": f"{hidden}:{Path(__file__).resolve().parents[1]}"})
     assert_clean_failure(proc, "optimum", "pip install 'solar-quant[gptq]'")
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+
+
+def test_bad_inputs_are_refused_before_any_model_loads(models, text_file, monkeypatch):
+    from solar_quant.evaluate import run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    base = str(models["base"])
+    with pytest.raises(InputError, match="othervocab.*vocab_size 32000"):
+        run.prepare(base, [str(models["othervocab"])], opts(text_file))
+    # memory is estimated before the text is read; the message gives the estimate and what is free
+    with pytest.raises(OptionError, match=r"--context 50000000: .* needs about .* GiB .* free on cpu"):
+        run.prepare(base, [str(models["rtn4"])], opts(text_file, contexts=(50_000_000,)))
+    with pytest.raises(InputError, match="--context 4096: the text has only"):
+        run.prepare(base, [str(models["rtn4"])], opts(text_file, contexts=(4096,)))
+    with pytest.raises(OptionError, match="--context 64: too short for the passkey prompt"):
+        run.prepare(base, [str(models["rtn4"])], opts(text_file, contexts=(64,), passkey_trials=1))
+    with pytest.raises(OptionError, match="--rope-scaling"):
+        run.prepare(base, [str(models["rtn4"])], opts(text_file, rope_scaling="dynamc:2"))

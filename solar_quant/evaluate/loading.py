@@ -36,9 +36,15 @@ class LoadedModel:
 
 # -- identities -------------------------------------------------------------------------
 def model_identity(path: str | Path) -> dict:
+    """The folder's identity; without a manifest (whose sha256s cover the data) the weight
+    files' sizes and modification times are added, so a rewritten folder is not mistaken for the old one."""
     reader = CheckpointReader(path)
     reader.require_llama()
-    return {**reader.identity(), "quant_method": reader.quant_method}
+    ident = {**reader.identity(), "quant_method": reader.quant_method}
+    if not ident["basis"].startswith("manifest.json"):
+        stats = [(s, (reader.path / s).stat().st_size, (reader.path / s).stat().st_mtime_ns) for s in reader.shards]
+        ident["files_sha256"] = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    return ident
 
 
 def tokenizer_fingerprint(path: str | Path) -> dict:

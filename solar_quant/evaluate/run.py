@@ -148,7 +148,7 @@ def _passkey(loaded: LoadedModel, plan: Plan, opts: EvalOptions, label: str) -> 
 
 def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache, log) -> tuple[dict, dict, dict]:
     """Per-section baseline tensors and passkey results, from the cache or computed once and saved."""
-    ident = plan.protocol["identities"][baseline]["sha256"]
+    ident = [plan.protocol["identities"][baseline].get(k) for k in ("sha256", "files_sha256")]
     common = {"baseline": ident, "tokens": plan.protocol["tokens_sha256"], "k": opts.kl_topk,
               "dtype": plan.protocol["dtype"], "device": plan.device.type, "rope": plan.protocol["rope_override"],
               "trained_length": opts.trained_length}
