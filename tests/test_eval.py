@@ -429,3 +429,20 @@ def test_bad_inputs_are_refused_before_any_model_loads(models, text_file, monkey
         run.prepare(base, [str(models["rtn4"])], opts(text_file, contexts=(64,), passkey_trials=1))
     with pytest.raises(OptionError, match="--rope-scaling"):
         run.prepare(base, [str(models["rtn4"])], opts(text_file, rope_scaling="dynamc:2"))
+
+
+def test_text_sources_fail_cleanly(tmp_path, monkeypatch):
+    from solar_quant.evaluate.text import read_text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises((InputError, DependencyError), match="--text hf:no-such/dataset"):
+        read_text("hf:no-such/dataset")
+    with pytest.raises(InputError, match="no such file"):
+        read_text(str(tmp_path / "missing.txt"))
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_text(str(tmp_path / "bin.txt"))
+    (tmp_path / "ok.txt").write_text("hello")
+    t = read_text(str(tmp_path / "ok.txt"))
+    assert t.sha256 == __import__("hashlib").sha256(b"hello").hexdigest()

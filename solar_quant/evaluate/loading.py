@@ -101,6 +101,13 @@ def apply_rope_override(config, rope_override: RopeScaling | None, trained_lengt
     return {**params, "max_position_embeddings": int(config.max_position_embeddings)}
 
 
+def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_length: int | None) -> dict:
+    """The rope settings a model will run with, from its config alone (nothing loaded)."""
+    from transformers import AutoConfig
+
+    return apply_rope_override(AutoConfig.from_pretrained(str(path)), rope_override, trained_length)
+
+
 def require_gptq_runtime() -> None:
     for package in ("optimum", "gptqmodel"):
         try:

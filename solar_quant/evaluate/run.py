@@ -19,7 +19,7 @@ from solar_quant.evaluate import passkey as pk
 from solar_quant.evaluate.baseline_cache import BaselineCache, cache_key
 from solar_quant.evaluate.gates import check_gates
 from solar_quant.evaluate.loading import (LoadedModel, check_same_tokenizer, load_model, load_tokenizer,
-                                          model_identity, read_device_map, release,
+                                          effective_rope, model_identity, read_device_map, release,
                                           require_gptq_runtime)
 from solar_quant.evaluate.memory import check_fits
 from solar_quant.evaluate.report import build_report, console_table, write_report
@@ -111,6 +111,7 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
                                                   "new_tokens": pk.NEW_TOKENS, "contexts": sorted(set(opts.contexts))},
         "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_map": opts.device_map,
         "memory_estimate": memory, "identities": identities,
+        "rope": {p: effective_rope(p, rope, opts.trained_length) for p in identities},
     }
     return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol), identities
 
@@ -174,7 +175,7 @@ def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache
             passkey = _passkey(loaded, plan, opts, "baseline")
             cache.save_json("passkey", pk_key, passkey)
         timing["eval_s"] = time.monotonic() - start
-        timing["rope"], timing["notes"] = loaded.rope, loaded.notes
+        timing["notes"] = loaded.notes
         loaded = None
         release()
     else:
@@ -221,7 +222,7 @@ def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str
     base_data, base_passkey, base_info = _baseline(baseline, plan, opts, cache, log)
     names = _names([baseline, *variants])
     base_entry = {"name": names[0], "role": "baseline", "path": str(baseline),
-                  "identity": identities[baseline], **base_info,
+                  "identity": identities[baseline], "rope": plan.protocol["rope"][baseline], **base_info,
                   **_model_result(plan, base_data, base_data, variant=False), "passkey": base_passkey}
     entries = [base_entry]
     for path, name in zip(variants, names[1:]):
