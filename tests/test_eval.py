@@ -273,6 +273,7 @@ def test_perplexity_matches_transformers_loss_and_self_comparison_is_exact(model
     assert base["short"]["tokens"] == report["protocol"]["sections"]["short"]["scored_tokens"]
 
 
+@pytest.mark.slow
 def test_variants_share_one_cached_baseline_and_quantized_folders_load(models, text_file, tmp_path, monkeypatch):
     from solar_quant.evaluate import run
 
@@ -299,6 +300,7 @@ def test_variants_share_one_cached_baseline_and_quantized_folders_load(models, t
     assert third["models"][0]["cache"]["short"] == "computed"
 
 
+@pytest.mark.slow
 def test_dynamic_scaling_changes_only_contexts_past_the_trained_length(models, text_file, tmp_path):
     from solar_quant.evaluate.run import evaluate
 
@@ -329,6 +331,7 @@ def test_a_variant_saved_with_rope_settings_is_evaluated_with_them(models, text_
     assert variant["long"]["128"]["overall"]["kl_mean"] > 1e-4  # past 64 the rescaled frequencies apply
 
 
+@pytest.mark.gptq_runtime
 def test_gptq_folder_loads_and_matches_its_dequantized_fp16_twin(models, tmp_path, text_file):
     pytest.importorskip("gptqmodel", reason="the [gptq] extra is not installed")
     from solar_quant.evaluate.run import evaluate
@@ -371,6 +374,7 @@ def test_device_map_file_is_read_and_checked(tmp_path):
 
 
 # -- the CLI ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_writes_reports_and_a_broken_variant_fails_its_gate(models, text_file, tmp_path):
     out = tmp_path / "report"
     proc = cli("eval", models["base"], models["int8"], models["broken"], "--text", text_file, "--seqlen", "32",

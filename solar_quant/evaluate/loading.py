@@ -185,11 +185,14 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
 
 
 def _bnb_cpu_compute(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
-    """On CPU run bnb 4-bit layers in the eval dtype (fp16 matmuls are slow there); weights unchanged."""
+    """On CPU run bnb 4-bit layers in the eval dtype (fp16 matmuls are slow there); weights unchanged.
+
+    Returns notes for the report describing what runs differently from the folder's own settings."""
     import bitsandbytes as bnb
 
-    changed, unpacked = 0, 0
+    changed, unpacked, int8 = 0, 0, 0
     for module in model.modules():
+        int8 += isinstance(module, bnb.nn.Linear8bitLt)
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
         if module.compute_dtype != dtype:
@@ -202,6 +205,8 @@ def _bnb_cpu_compute(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
             module.support_avx512bf16_for_cpu = False
             unpacked += 1
     notes = [f"bnb 4-bit compute dtype set to {str(dtype).removeprefix('torch.')} on cpu"] if changed else []
+    if int8:
+        notes.append("bnb int8 layers cast their inputs to float16 for the int8 matmul (as bitsandbytes does)")
     return notes + ([f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel"]
                     if unpacked else [])
 

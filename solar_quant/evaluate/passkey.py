@@ -97,7 +97,9 @@ def passkey_correct(generated: str, key: str) -> bool:
 def generate_answer(model: torch.nn.Module, tokenizer, prompt: PasskeyPrompt, device: torch.device) -> str:
     ids = torch.tensor([prompt.ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
+    from solar_quant.evaluate.scoring import quiet_bnb
+
+    with torch.inference_mode(), quiet_bnb():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -6,6 +6,8 @@ time, so full-vocabulary logits never exist for a whole long window at once.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -19,6 +21,18 @@ from solar_quant.evaluate.windows import Window
 Consumer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+@contextmanager
+def quiet_bnb():
+    """bnb int8 logs on every layer call that it casts fp32 inputs to fp16 (the load notes say so once)."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        bnb_log.setLevel(level)
+
+
 def input_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -27,7 +41,7 @@ def score_window(model: torch.nn.Module, ids: torch.Tensor, window: Window, cons
                  chunk: int = LOGIT_CHUNK) -> None:
     """Targets window.score_from..length-1 of `ids[start:start+length]`, chunk by chunk."""
     tokens = ids[window.start: window.start + window.length]
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_bnb():
         x = tokens.unsqueeze(0).to(input_device(model))
         hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[0]
         for lo in range(window.score_from, window.length, chunk):

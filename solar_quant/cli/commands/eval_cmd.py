@@ -33,7 +33,7 @@ def eval_(
     seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per short-context window.")] = 512,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: --seqlen); smaller scores only each window's last STRIDE tokens.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Use at most this many tokens of the text for short-context windows.")] = None,
-    kl_topk: Annotated[int, typer.Option("--kl-topk", help="Baseline log-probs cached per token (the rest is one bucket); >= vocab gives exact KL.")] = 64,
+    kl_topk: Annotated[int, typer.Option("--kl-topk", help="Baseline log-probs cached per token (the rest is one bucket); >= vocab gives exact KL.")] = 256,
     context: Annotated[Optional[list[str]], typer.Option("--context", help="Long-context length(s): repeat the flag or give a comma list, e.g. --context 4096,8192.")] = None,
     long_windows: Annotated[int, typer.Option("--long-windows", help="Windows scored per --context length.")] = 2,
     bucket: Annotated[Optional[int], typer.Option("--bucket", help="Position-bucket width (default: context/8, 1024 past 8k).")] = None,
