@@ -19,7 +19,7 @@ import torch
 BLOCKSIZE = 64  # transformers' Linear4bit default
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for double-quantized absmax
 INT8_WEIGHT_FORMAT_ROW = 0  # bitsandbytes' code for row-major int8 weights
-CHUNK_ELEMENTS = 1 << 22  # ~4M values per bitsandbytes call: a few x 16 MB of fp32 temporaries
+CHUNK_ELEMENTS = 1 << 23  # 8M values per bitsandbytes call: its CPU kernels hold ~4 fp32 copies (~128 MB)
 
 
 def quantize_int8(weight: torch.Tensor, device: str | torch.device = "cpu",
