@@ -93,7 +93,8 @@ def protocol() -> dict:
 
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1), "python": platform.python_version()},
+                    "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1), "python": platform.python_version(),
+                    "load_average_at_end": [round(x, 1) for x in os.getloadavg()]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__},
         "checkpoint": {**SHAPE, "layers": list(DEPTHS), "dtype": "float16", "shard_bytes": SHARD_BYTES,

@@ -35,7 +35,7 @@ def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output:
     _return_freed_memory_promptly()
     staged = StagedFolder(out, overwrite=output.overwrite)
     try:
-        counts = _write_tensors(reader, staged, bnb, output.shard_size, log, device)
+        counts = _write_tensors(reader, staged, bnb, output.shard_size, device)
         qcfg = fmt.quantization_config(bnb)
         staged.write_json("config.json", variant_config(reader.config, qcfg, rope, dtype="float16"))
         copy_side_files(reader, staged)
@@ -70,7 +70,7 @@ def _check_inputs(src, out, bnb: BnbOptions, output: OutputOptions) -> tuple[Che
 
 
 def _write_tensors(reader: CheckpointReader, staged: StagedFolder, bnb: BnbOptions, shard_size: int,
-                   log, device: str) -> dict[str, int]:
+                   device: str) -> dict[str, int]:
     writer = ShardedWriter(staged.staging, shard_size)
     names = sorted(reader.tensors, key=lambda n: reader.info(n).shard)  # stable: weight-map order within a shard
     bar = progress.Progress(len(names), f"{bnb.method}: tensor", min_interval=0.5)
