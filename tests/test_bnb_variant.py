@@ -224,19 +224,22 @@ def test_existing_output_is_kept_unless_overwrite(tiny_llama, tmp_path):
     assert not (out / "precious.txt").exists() and check_manifest(out) == []
 
 
-def test_nan_in_a_weight_is_named(tiny_llama, tmp_path):
+@pytest.mark.parametrize("name,value,method", [
+    ("model.layers.1.mlp.up_proj.weight", float("nan"), "bnb-nf4"),  # a weight that is quantized
+    ("model.norm.weight", float("-inf"), "bnb-int8"),  # a tensor that is copied
+])
+def test_nan_or_inf_in_a_tensor_is_named(tiny_llama, tmp_path, name, value, method):
     from solar_quant.checkpoint.headers import read_header
 
     src = _copy(tiny_llama, tmp_path / "src")
-    name = "model.layers.1.mlp.up_proj.weight"
     shard = src / CheckpointReader(src).info(name).shard
     entries, _ = read_header(str(shard))
     header_len = int.from_bytes(shard.read_bytes()[:8], "little")
-    with open(shard, "r+b") as f:  # overwrite element 5 with an fp16 NaN
+    with open(shard, "r+b") as f:  # overwrite element 5 with the bad fp16 value
         f.seek(8 + header_len + entries[name].begin + 5 * 2)
-        f.write(torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).numpy().tobytes())
-    proc = cli("quantize", src, tmp_path / "out", "--method", "bnb-nf4")
-    assert_clean_failure(proc, name, "NaN")
+        f.write(torch.tensor([value], dtype=torch.float16).view(torch.uint8).numpy().tobytes())
+    proc = cli("quantize", src, tmp_path / "out", "--method", method)
+    assert_clean_failure(proc, name, "NaN or Inf")
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
