@@ -154,6 +154,12 @@ class CheckpointReader:
         except Exception as e:  # safetensors raises its own error types for corrupt data
             raise CheckpointError(f"{self.path / info.shard}: cannot read tensor '{name}' ({e}); the shard is corrupt") from None
 
+    def release(self) -> None:
+        """Close the open shard handles. A handle keeps its whole shard memory-mapped, and every
+        page read through it stays in this process's RSS; streaming callers release after each
+        tensor so resident memory stays near one tensor instead of growing to the checkpoint."""
+        self._handles.clear()
+
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
