@@ -79,6 +79,7 @@ def dequantized_reference(folder: Path, dtype=torch.float32):
     """An ordinary LlamaForCausalLM whose linears hold `gptq_v1.dequantize` of the folder's tensors."""
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from solar_quant.formats.gptq_v1 import dequantize
 
@@ -97,8 +98,11 @@ def dequantized_reference(folder: Path, dtype=torch.float32):
             state[base + ".weight"] = dequantize(parts, bits).to(dtype)
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             state[name] = tensors[name].to(dtype)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
+    config = LlamaConfig(**cfg)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the folder
+        model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in the state dict
     return model.eval()

@@ -74,8 +74,8 @@ class LayerRunner:
         for start in range(0, n, self.chunk):
             rows = slice(start, min(start + self.chunk, n))
             h = hidden[rows].to(device=self.device, dtype=self.dtype)
-            mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
-                                      position_ids=position_ids)
+            # (config, inputs_embeds, attention_mask, cache) positionally: the cache argument's name changed in 5.x
+            mask = create_causal_mask(self.config, h, None, None, position_ids=position_ids)
             kwargs = {"attention_mask": mask, "position_ids": position_ids,
                       "position_embeddings": self.rotary(h, position_ids)}
             yield rows, h, kwargs
