@@ -109,6 +109,14 @@ def test_true_sequential_groups_see_the_quantized_earlier_groups(tiny_llama, tin
         torch.testing.assert_close(H, after[name], rtol=1e-5, atol=1e-7)
         assert not torch.allclose(H, before[name], rtol=1e-3, atol=1e-6), name
 
+    # without true-sequential, every group sees the unquantized layer
+    used.clear()
+    layer = load_decoder_layer(reader, runner.config, 0, torch.device("cpu"))
+    quantize_layer(0, layer, runner, hidden, GptqOptions(true_sequential=False), Progress(7, "t"), log=lambda m: None)
+    H_used = list(used.values())
+    for name, H in zip(names, (H_used[3], H_used[6])):
+        torch.testing.assert_close(H, before[name], rtol=1e-5, atol=1e-7)
+
 
 def _build(src, out, calib, **opts):
     from solar_quant.options import GptqOptions, OutputOptions
