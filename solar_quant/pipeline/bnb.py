@@ -1,0 +1,113 @@
+"""Stream a 16-bit Llama checkpoint into a bitsandbytes 8-bit or 4-bit variant, one tensor at a time.
+
+Each tensor is read (memory-mapped), quantized if it is a Linear weight that the skip list
+does not name, and appended to the output shards; nothing else is held. The folder is
+staged beside OUT and renamed into place only when complete, so a failure (disk full,
+NaN in a weight, Ctrl-C) leaves nothing under OUT's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from solar_quant import progress
+from solar_quant.architecture import LlamaShape, is_linear_weight
+from solar_quant.checkpoint.reader import CheckpointReader
+from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
+from solar_quant.errors import NumericsError, OptionError, OutputError
+from solar_quant.formats import bnb as fmt
+from solar_quant.methods import bnb as method
+from solar_quant.options import BnbOptions, OutputOptions
+from solar_quant.rope import RopeScaling
+from solar_quant.variant import copy_side_files, tool_record, variant_config
+
+STORE_DTYPE = torch.float16  # transformers loads the source in fp16 before quantizing; so do we
+
+
+def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output: OutputOptions,
+                      log=progress.log, device: str = "cpu") -> Path:
+    """Write the bitsandbytes variant of checkpoint `src` to folder `out`; return its path."""
+    reader, rope = _check_inputs(src, out, bnb, output)
+    staged = StagedFolder(out, overwrite=output.overwrite)
+    try:
+        counts = _write_tensors(reader, staged, bnb, output.shard_size, log, device)
+        qcfg = fmt.quantization_config(bnb)
+        staged.write_json("config.json", variant_config(reader.config, qcfg, rope, dtype="float16"))
+        copy_side_files(reader, staged)
+        options = {**bnb.model_dump(mode="json"), "shard_size": output.shard_size, "rope_scaling": str(rope)}
+        staged.write_json("solar_quant.json", tool_record(reader, bnb.method, options, tensors=counts))
+        final = staged.commit()
+    except BaseException:
+        staged.abandon()
+        raise
+    log(f"wrote {final} ({counts['quantized']} linears quantized, {counts['kept']} tensors kept in 16-bit)")
+    return final
+
+
+def _check_inputs(src, out, bnb: BnbOptions, output: OutputOptions) -> tuple[CheckpointReader, RopeScaling]:
+    """Every refusal that needs no tensor data, before any work starts."""
+    rope = RopeScaling.parse(output.rope_scaling)
+    reader = CheckpointReader(src)
+    reader.require_llama()
+    reader.require_unquantized()
+    LlamaShape.from_config(reader.config, str(reader.path / "config.json"))
+    src_path, out_path = reader.path.resolve(), Path(out).resolve()
+    if out_path == src_path or src_path in out_path.parents:
+        raise OutputError(f"{out}: lies inside the source checkpoint {src}; choose an output folder outside it")
+    if out_path.exists() and not output.overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it or choose another output path")
+    if bnb.double_quant and bnb.method == "bnb-int8":
+        raise OptionError("--double-quant: applies to bnb-nf4 and bnb-fp4 only; drop it for bnb-int8")
+    for key in bnb.skip_modules:
+        fmt.should_quantize("probe", (key,))  # an invalid pattern fails here, naming --skip-modules
+    reader.tensors  # noqa: B018 - validates every shard header now, not halfway through
+    return reader, rope
+
+
+def _write_tensors(reader: CheckpointReader, staged: StagedFolder, bnb: BnbOptions, shard_size: int,
+                   log, device: str) -> dict[str, int]:
+    writer = ShardedWriter(staged.staging, shard_size)
+    names = sorted(reader.tensors, key=lambda n: reader.info(n).shard)  # stable: weight-map order within a shard
+    bar = progress.Progress(len(names), f"{bnb.method}: tensor", min_interval=0.5)
+    counts = {"quantized": 0, "kept": 0}
+    for name in names:
+        tensor = reader.get(name)
+        _require_finite(reader, name, tensor)
+        if _quantizes(name, reader, bnb):
+            parts = quantize_weight(tensor.to(STORE_DTYPE), bnb, device)
+            for full, t in fmt.linear_tensors(fmt.module_name(name), parts).items():
+                writer.add(full, t)
+            counts["quantized"] += 1
+        else:
+            writer.add(name, tensor.to(STORE_DTYPE) if tensor.is_floating_point() else tensor)
+            counts["kept"] += 1
+        del tensor
+        bar.step(name)
+    writer.close()
+    return counts
+
+
+def quantize_weight(weight: torch.Tensor, bnb: BnbOptions, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """One Linear weight -> the module-relative tensors bitsandbytes serializes for it."""
+    if bnb.method == "bnb-int8":
+        return method.quantize_int8(weight, device=device)
+    return method.quantize_4bit(weight, bnb.method.removeprefix("bnb-"), bnb.double_quant, device=device)
+
+
+def _quantizes(name: str, reader: CheckpointReader, bnb: BnbOptions) -> bool:
+    """The Linears transformers replaces: the decoder projections and an untied lm_head, minus skips."""
+    linear = is_linear_weight(name) or (name == "lm_head.weight" and len(reader.info(name).shape) == 2)
+    return linear and fmt.should_quantize(fmt.module_name(name), bnb.skip_modules)
+
+
+def _require_finite(reader: CheckpointReader, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        return
+    rows = max(1, (1 << 24) // max(1, tensor.shape[-1] if tensor.dim() else 1))
+    flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    for start in range(0, flat.shape[0], rows):  # chunked: the bool mask never exceeds 16 MB
+        if not torch.isfinite(flat[start:start + rows]).all():
+            raise NumericsError(f"{reader.path / reader.info(name).shard}: tensor '{name}' holds NaN or Inf; "
+                                "fix or re-export the source checkpoint (solar-quant will not quantize it)")
