@@ -154,6 +154,10 @@ class CheckpointReader:
         except Exception as e:  # safetensors raises its own error types for corrupt data
             raise CheckpointError(f"{self.path / info.shard}: cannot read tensor '{name}' ({e}); the shard is corrupt") from None
 
+    def close(self) -> None:
+        """Drop the open shard handles and their memory maps; a later `get` reopens them."""
+        self._handles.clear()
+
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

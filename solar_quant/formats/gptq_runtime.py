@@ -1,0 +1,49 @@
+"""How to load a GPTQ folder with transformers so that a working kernel runs it.
+
+transformers (through optimum + GPTQModel) picks a kernel by itself. On CPU it picks
+GPTQModel's `TorchAtenLinear` for 4-bit, which fails at the first forward when the group
+size does not divide a linear's inputs (SmolLM2: K=576, G=128); `backend="gptq_torch"`
+handles partial groups everywhere. Eval, verify and the tests all load through
+`from_pretrained_kwargs`, so they pick the same working kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from solar_quant.architecture import LlamaShape
+
+SAFE_BACKEND = "gptq_torch"
+
+
+def gptq_settings(path: str | Path) -> dict | None:
+    """The folder's GPTQ `quantization_config`, or None when it is not a GPTQ folder."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    q = cfg.get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == "gptq" else None
+
+
+def partial_group_linears(path: str | Path) -> dict[str, int]:
+    """Per-layer linear name -> K for every linear whose inputs K the group size does not divide."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    q = gptq_settings(path) or {}
+    G = int(q.get("group_size", -1))
+    if G <= 0:
+        return {}
+    return {name: k for name, (_, k) in LlamaShape.from_config(cfg).linear_shapes().items() if k % G}
+
+
+def from_pretrained_kwargs(path: str | Path) -> dict:
+    """Extra keyword arguments for `AutoModelForCausalLM.from_pretrained(path, ...)`.
+
+    Empty for non-GPTQ folders and for GPTQ folders every kernel can run; otherwise a
+    `GPTQConfig` naming the `gptq_torch` backend."""
+    q = gptq_settings(path)
+    if q is None or not partial_group_linears(path):
+        return {}
+    from transformers import GPTQConfig
+
+    return {"quantization_config": GPTQConfig(bits=int(q["bits"]), group_size=int(q["group_size"]),
+                                              desc_act=bool(q.get("desc_act", False)), sym=bool(q.get("sym", True)),
+                                              backend=SAFE_BACKEND)}

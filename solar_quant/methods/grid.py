@@ -1,0 +1,102 @@
+"""The uniform integer grid that GPTQ and RTN round onto: per-group scale and zero point.
+
+A group of weights `x` is stored as codes `q = clamp(round(x / scale) + zero, 0, maxq)` and read
+back as `scale * (q - zero)`, with `maxq = 2**bits - 1`. The parameters follow GPTQ's own
+quantizer (IST-DASLab `quant.py`, per output row):
+
+- the range is the group's min/max widened to include 0;
+- symmetric: the range is mirrored around 0 and `zero = (maxq + 1) / 2` (auto-gptq's choice);
+- asymmetric: `scale = (max - min) / maxq`, `zero = round(-min / scale)`.
+
+Two deliberate refinements, both so that the file on disk is the truth:
+
+- scales are rounded to float16 here, because GPTQ v1 stores them in float16; the codes are
+  chosen against the scale a runtime will actually use.
+- an asymmetric zero point is kept >= 1. GPTQ v1 stores `zero - 1`, and runtimes disagree on
+  how to read back a field that wrapped from 0 to `maxq` (GPTQModel adds 1 to the packed word
+  and carries into the neighbouring field for 2/4/8 bits, exllama and vLLM add 1 per field and
+  get `maxq + 1`). A group whose grid would start at 0 instead gets `zero = 1` and
+  `scale = max / (maxq - 1)`, which still covers its range; only all-non-negative groups change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_FP16 = torch.finfo(torch.float16)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What grid to quantize onto. `group_size == -1`: one group spans the whole row."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_width(self, columns: int) -> int:
+        """Columns per group for a row of `columns` inputs."""
+        return columns if self.group_size == -1 else self.group_size
+
+    def n_groups(self, columns: int) -> int:
+        """ceil(K / G): the last group may be partial."""
+        return math.ceil(columns / self.group_width(columns))
+
+
+def group_params(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of each row of `x` [N, g] (one group per row).
+
+    Returns (scale float32 [N], already rounded to float16 values; zero int32 [N])."""
+    x = x.float()
+    maxq = spec.maxq
+    zeros_n = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    xmin = torch.minimum(x.min(dim=1).values, zeros_n)
+    xmax = torch.maximum(x.max(dim=1).values, zeros_n)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    if spec.sym:
+        scale = _to_fp16_values(scale)
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        starts_at_zero = torch.round(-xmin / scale) < 1
+        scale = torch.where(starts_at_zero, xmax / (maxq - 1), scale)
+        scale = _to_fp16_values(scale)
+        zero = torch.round(-xmin / scale).clamp(1, maxq)
+    return scale, zero.to(torch.int32)
+
+
+def _to_fp16_values(scale: Tensor) -> Tensor:
+    """Round to the nearest float16 (kept in float32), never to 0 or inf."""
+    return scale.clamp(_FP16.tiny, _FP16.max).to(torch.float16).to(torch.float32)
+
+
+def quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Codes of `x`; `scale`/`zero` broadcast against `x` (e.g. [N] against a column [N]).
+
+    Returns float32 integers in 0..maxq (int conversion is left to the caller)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Values of codes `q`: `scale * (q - zero)` in float32."""
+    return scale * (q - zero)

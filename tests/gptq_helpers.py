@@ -1,0 +1,104 @@
+"""Helpers shared by the GPTQ pipeline and runtime tests: calibration from local text, truncated
+copies of a checkpoint, and the fp32 reference model built from a GPTQ folder's own tensors."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+import torch
+
+# Calibration and held-out text: the docstrings of standard-library modules (English prose
+# with some code; present wherever Python is, so no test reaches a network).
+CALIB_MODULES = ("subprocess", "argparse", "json", "logging", "collections", "threading", "asyncio", "email",
+                 "http.client", "unittest", "decimal", "fractions")
+HELDOUT_MODULES = ("datetime", "pathlib", "tarfile", "zipfile", "shutil", "random", "statistics", "textwrap")
+
+
+def stdlib_text(modules=CALIB_MODULES) -> str:
+    docs = []
+    for m in modules:
+        mod = importlib.import_module(m)
+        for obj in [mod] + [o for n, o in sorted(vars(mod).items()) if not n.startswith("_")]:
+            if obj is mod or getattr(obj, "__module__", None) == m:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+    return "\n\n".join(docs)
+
+
+def text_ids(model_path: Path, modules=CALIB_MODULES) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    return torch.tensor(tok(stdlib_text(modules))["input_ids"], dtype=torch.int64)
+
+
+def text_calibration(model_path: Path, nsamples: int, seqlen: int):
+    """`nsamples` consecutive windows of `seqlen` tokens of the calibration text."""
+    from solar_quant.calibration.artifact import CalibrationSet
+    from solar_quant.pipeline.gptq import tokenizer_identity
+
+    ids = text_ids(model_path)[: nsamples * seqlen].reshape(nsamples, seqlen)
+    return CalibrationSet(ids, {"tokenizer": tokenizer_identity(model_path), "source": "stdlib docstrings"})
+
+
+def random_calibration(nsamples: int, seqlen: int, vocab: int, model_path: Path | None = None, seed: int = 0):
+    from solar_quant.calibration.artifact import CalibrationSet
+    from solar_quant.pipeline.gptq import tokenizer_identity
+
+    ids = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+    card = {"tokenizer": tokenizer_identity(model_path)} if model_path is not None else {}
+    return CalibrationSet(ids, card)
+
+
+def truncated_copy(src: Path, dst: Path, layers: int) -> Path:
+    """The first `layers` decoder layers of `src` (plus embeddings, norm, tokenizer) as a new fp16 folder."""
+    from solar_quant.checkpoint.reader import CheckpointReader
+    from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
+    from solar_quant.variant import SIDE_FILES
+
+    reader = CheckpointReader(src)
+    staged = StagedFolder(dst, overwrite=True)
+    writer = ShardedWriter(staged.staging, 64 * 1024**2)
+    for name in reader.tensors:
+        if name.startswith("model.layers.") and int(name.split(".")[2]) >= layers:
+            continue
+        writer.add(name, reader.get(name))
+    writer.close()
+    staged.write_json("config.json", {**reader.config, "num_hidden_layers": layers})
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            staged.path(name).write_bytes((Path(src) / name).read_bytes())
+    return staged.commit()
+
+
+def dequantized_reference(folder: Path, dtype=torch.float32):
+    """An ordinary LlamaForCausalLM whose linears hold `gptq_v1.dequantize` of the folder's tensors."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from solar_quant.formats.gptq_v1 import dequantize
+
+    cfg = json.loads((folder / "config.json").read_text())
+    bits = cfg["quantization_config"]["bits"]
+    cfg.pop("quantization_config")
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    state = {}
+    for name in list(tensors):
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            parts = {k: tensors[f"{base}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+            state[base + ".weight"] = dequantize(parts, bits).to(dtype)
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            state[name] = tensors[name].to(dtype)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.eval()
