@@ -84,6 +84,14 @@ class EvalOptions(Frozen):
     max_ppl_ratio: float | None = None
     max_kld: float | None = None
     min_top1: float | None = None
+    # added with `eval`: KL storage, long-context windows, passkey prompt, cache and per-bucket gates
+    kl_topk: int = Field(64, gt=0)  # baseline log-probs kept per token (>= vocab: exact KL)
+    long_windows: int = Field(2, gt=0)  # windows per --context length
+    passkey_template: Literal["auto", "solar", "chat_template", "raw"] = "auto"
+    passkey_seed: int = 0
+    cache_dir: str | None = None  # None: OUT/baseline-cache
+    max_ppl_ratio_bucket: float | None = None
+    max_kld_bucket: float | None = None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
