@@ -22,6 +22,9 @@ for module in VERBS:
 
 
 def main() -> None:
+    from solar_quant.signals import install
+
+    install()  # SIGTERM stops a command the way Ctrl-C does: cleanup runs, resumable jobs are kept
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     app()

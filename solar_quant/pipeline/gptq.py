@@ -25,10 +25,10 @@ from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS, LlamaShape
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
 from solar_quant.devices import compute_dtype, resolve_device
-from solar_quant.errors import (CalibrationError, CheckpointError, InputError, Interrupted, NumericsError,
-                                OptionError)
+from solar_quant.errors import (CalibrationError, InputError, Interrupted, NumericsError, OptionError,
+                                OutputError)
 from solar_quant.options import GptqOptions, OutputOptions
-from solar_quant.pipeline.job import JOB_DIR, Job
+from solar_quant.pipeline.job import JOB_DIR, JOB_FILE, Job
 from solar_quant.rope import RopeScaling
 from solar_quant.variant import RECORD_NAME, copy_side_files, tool_record, variant_config
 
@@ -63,26 +63,43 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
     for w in warnings:
         log(f"warning: {w['message']}")
 
+    _check_output(reader, out)
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
-    job = _open_job(staged, spec, resume, log)
+    job = None
     with _sigterm_raises():
         try:
+            job = _open_job(staged, spec, resume, log)
             _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, log)
             return staged.commit(exclude=(JOB_DIR,))
         except (InputError, NumericsError):
             staged.abandon()
             raise
         except (KeyboardInterrupt, Interrupted):
-            raise Interrupted(f"interrupted after {job.layers_done}/{shape.layers} layers; the job is kept in "
-                              f"{staged.staging}: rerun the same command with --resume to continue") from None
+            raise _interrupted(staged, job, shape) from None
+
+
+def _interrupted(staged: StagedFolder, job: "Job | None", shape: LlamaShape) -> Interrupted:
+    """The one line an interrupted run ends with; a staging folder without a saved job is removed."""
+    if not staged.staging.exists() and staged.final.is_dir():  # the signal came as the commit finished
+        return Interrupted(f"interrupted after {staged.final} was complete; it is kept (check it with "
+                           f"`solar-quant verify {staged.final}`)")
+    if job is None or not (job.dir / JOB_FILE).is_file():
+        staged.abandon()
+        return Interrupted(f"interrupted before the first layer was saved; nothing was left under {staged.final}; "
+                           "rerun the same command to start again")
+    return Interrupted(f"interrupted after {job.layers_done}/{shape.layers} layers; the job is kept in "
+                       f"{staged.staging}: rerun the same command with --resume to continue")
 
 
 # -- checks before any work ---------------------------------------------------------------
 def _check_source_tensors(reader: CheckpointReader, shape: LlamaShape) -> None:
-    for name, dims in shape.tensor_shapes().items():
-        info = reader.info(name)
-        if tuple(info.shape) != tuple(dims):
-            raise CheckpointError(f"{reader.path}: tensor '{name}' has shape {list(info.shape)}, config.json implies {list(dims)}")
+    reader.require_weights(shape.tensor_shapes())
+
+
+def _check_output(reader: CheckpointReader, out) -> None:
+    src_path, out_path = reader.path.resolve(), Path(out).resolve()
+    if out_path == src_path or src_path in out_path.parents:
+        raise OutputError(f"{out}: lies inside the source checkpoint {reader.path}; choose an output folder outside it")
 
 
 def check_calibration(reader: CheckpointReader, calib, shape: LlamaShape) -> None:
@@ -104,28 +121,29 @@ def check_calibration(reader: CheckpointReader, calib, shape: LlamaShape) -> Non
 
 
 def tokenizer_identity(model_path: Path):
-    """The tokenizer identity as the calibration package records it; sha256 of tokenizer.json otherwise."""
-    try:
-        from solar_quant.calibration import tokenizer_identity as calibration_identity
-    except ImportError:
-        calibration_identity = None
-    if calibration_identity is not None:
-        return calibration_identity(model_path)
-    from solar_quant.checkpoint.manifest import sha256_file
+    """The tokenizer identity as the calibration artifact records it (None: the folder has no tokenizer)."""
+    from solar_quant.calibration.artifact import TOKENIZER_FILES
+    from solar_quant.calibration.artifact import tokenizer_identity as calibration_identity
 
-    path = Path(model_path) / "tokenizer.json"
-    return {"sha256": sha256_file(path)} if path.is_file() else None
+    if not any((Path(model_path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return calibration_identity(model_path)
 
 
 def _same_tokenizer(want, have) -> bool:
-    if isinstance(want, dict) and isinstance(have, dict) and "sha256" in want and "sha256" in have:
-        return want["sha256"] == have["sha256"]
-    if isinstance(want, str) and isinstance(have, dict):
-        return want == have.get("sha256")
+    from solar_quant.calibration.artifact import tokenizer_differences
+
+    if isinstance(want, dict) and isinstance(have, dict) and "files" in want:
+        return not tokenizer_differences(want, have)
+    if isinstance(want, dict) and set(want) == {"sha256"}:  # an older card: sha256 of tokenizer.json alone
+        return want["sha256"] == (have.get("files") or {}).get("tokenizer.json")
     return want == have
 
 
 def _describe(identity) -> str:
+    if isinstance(identity, dict) and "files" in identity:
+        files = ", ".join(f"{n} {h[:12]}" for n, h in sorted((identity.get("files") or {}).items()))
+        return f"vocab {identity.get('vocab_size')}, {files}"
     if isinstance(identity, dict):
         return ", ".join(f"{k} {str(v)[:16]}" for k, v in identity.items() if k in ("name", "sha256", "path")) or "?"
     return str(identity)[:40]
@@ -163,6 +181,8 @@ def _open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
     if job is None:
         if resume:
             log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
+            staged.abandon()  # whatever a job-less staging folder holds is not ours to continue from
+            staged.staging.mkdir(parents=True)
         return Job(staged.staging, spec)
     job.check_matches(spec)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
@@ -196,7 +216,7 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
     hidden = None
     if job.writer_state is None:  # a fresh job: embeddings first
         writer = job.restore_writer(output.shard_size)
-        writer.add("model.embed_tokens.weight", reader.get("model.embed_tokens.weight").to(torch.float16))
+        writer.add("model.embed_tokens.weight", _finite(reader, "model.embed_tokens.weight").to(torch.float16))
         if calib is not None:
             hidden = embed_tokens(reader, calib.input_ids)
         _save_progress(job, writer, hidden, 0)
@@ -228,9 +248,9 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
         layer_bar.step(f"done: model.layers.{i}")
     del hidden, spare
 
-    writer.add("model.norm.weight", reader.get("model.norm.weight").to(torch.float16))
+    writer.add("model.norm.weight", _finite(reader, "model.norm.weight").to(torch.float16))
     if not shape.tie_word_embeddings:
-        writer.add("lm_head.weight", reader.get("lm_head.weight").to(torch.float16))
+        writer.add("lm_head.weight", _finite(reader, "lm_head.weight").to(torch.float16))
     writer.close()
     damp_used = max((lin["damp"] for rec in job.records for lin in rec["linears"].values()), default=None)
     qcfg = quantization_config(gptq, damp_used=damp_used if gptq.method == "gptq" else None)
@@ -240,10 +260,19 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
     staged.write_json(RECORD_NAME, _record(reader, gptq, calib, output, dev, job.records, warnings))
 
 
+def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
+    tensor = reader.get(name)
+    reader.require_finite(name, tensor)
+    return tensor
+
+
 def _load_layer(reader, config, i, dev, dtype):
     from solar_quant.pipeline.layers import load_decoder_layer
 
-    return load_decoder_layer(reader, config, i, dev, dtype)
+    layer = load_decoder_layer(reader, config, i, dev, dtype)
+    for name, param in layer.named_parameters():
+        reader.require_finite(f"{layer_prefix(i)}{name}", param)
+    return layer
 
 
 def reader_release(reader: CheckpointReader) -> None:
