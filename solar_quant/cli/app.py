@@ -6,9 +6,10 @@ import os
 
 import typer
 
-from solar_quant.cli.commands import calibrate_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd
+from solar_quant.cli.commands import (calibrate_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd,
+                                      verify_cmd)
 
-VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, eval_cmd)
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, eval_cmd, verify_cmd)
 
 app = typer.Typer(
     name="solar-quant",
