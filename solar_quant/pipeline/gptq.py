@@ -74,6 +74,12 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
         except (InputError, NumericsError):
             staged.abandon()
             raise
+        except OutputError as e:  # e.g. disk full: keep a saved job to resume once there is room
+            if job is None or not (job.dir / JOB_FILE).is_file():
+                staged.abandon()
+                raise
+            raise OutputError(f"{e}; then rerun the same command with --resume to continue from layer "
+                              f"{job.layers_done}") from None
         except (KeyboardInterrupt, Interrupted):
             raise _interrupted(staged, job, shape) from None
 
