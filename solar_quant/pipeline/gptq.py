@@ -65,17 +65,16 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
 
     _check_output(reader, out)
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
-    job = None
+    job = _open_job(staged, spec, resume, log)  # outside the try: a refused --resume keeps the job
     with _sigterm_raises():
         try:
-            job = _open_job(staged, spec, resume, log)
             _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, log)
             return staged.commit(exclude=(JOB_DIR,))
         except (InputError, NumericsError):
             staged.abandon()
             raise
         except OutputError as e:  # e.g. disk full: keep a saved job to resume once there is room
-            if job is None or not (job.dir / JOB_FILE).is_file():
+            if not (job.dir / JOB_FILE).is_file():
                 staged.abandon()
                 raise
             raise OutputError(f"{e}; then rerun the same command with --resume to continue from layer "
@@ -84,12 +83,12 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
             raise _interrupted(staged, job, shape) from None
 
 
-def _interrupted(staged: StagedFolder, job: "Job | None", shape: LlamaShape) -> Interrupted:
+def _interrupted(staged: StagedFolder, job: Job, shape: LlamaShape) -> Interrupted:
     """The one line an interrupted run ends with; a staging folder without a saved job is removed."""
     if not staged.staging.exists() and staged.final.is_dir():  # the signal came as the commit finished
         return Interrupted(f"interrupted after {staged.final} was complete; it is kept (check it with "
                            f"`solar-quant verify {staged.final}`)")
-    if job is None or not (job.dir / JOB_FILE).is_file():
+    if not (job.dir / JOB_FILE).is_file():
         staged.abandon()
         return Interrupted(f"interrupted before the first layer was saved; nothing was left under {staged.final}; "
                            "rerun the same command to start again")
