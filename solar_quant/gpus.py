@@ -39,7 +39,8 @@ def parse_gpus(spec: str, flag: str = "--gpus") -> list[Gpu]:
         m = _PART.match(part)
         if not part or not m:
             raise OptionError(f"{flag} {spec!r}: cannot read {part!r}; accepted forms: {ACCEPTED}")
-        count = int(m.group(1) or 1)
+        digits = m.group(1) or "1"
+        count = int(digits) if len(digits) <= 6 else 10**6  # long digit strings: too many GPUs anyway
         if count <= 0 or count > 1024:
             raise OptionError(f"{flag} {spec!r}: GPU count {count} must be between 1 and 1024")
         size, label = _size(m.group(2).strip(), spec, flag)
@@ -53,7 +54,10 @@ def _size(text: str, spec: str, flag: str) -> tuple[int, str]:
         return NAMED_GPUS[key], key
     m = _SIZE.match(key) or _LABELLED.match(key)
     if m and (m.group(2) or "") in _UNITS:
-        value = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+        number = float(m.group(1)) * _UNITS[m.group(2) or ""]
+        if not number < 2**63:
+            raise OptionError(f"{flag} {spec!r}: GPU memory {text!r} is implausibly large")
+        value = int(number)
         if value <= 0:
             raise OptionError(f"{flag} {spec!r}: GPU memory must be larger than 0")
         return value, text

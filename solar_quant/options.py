@@ -6,6 +6,7 @@ Unknown keys are errors (`extra="forbid"`), and pydantic's messages name the fie
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -104,7 +105,10 @@ def parse_size(text: str, flag: str = "--shard-size") -> int:
         raise OptionError(f"{flag} {text!r}: expected a size such as 2GB, 500MB or 1073741824")
     unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
     factor = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
-    value = int(float(m.group(1)) * factor)
+    number = float(m.group(1)) * factor
+    if not math.isfinite(number) or number > 2**63:
+        raise OptionError(f"{flag} {text!r}: too large; use a size such as 2GB")
+    value = int(number)
     if value <= 0:
         raise OptionError(f"{flag} {text!r}: must be larger than 0")
     return value

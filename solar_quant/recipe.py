@@ -82,6 +82,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise InputError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     try:
         return Recipe.model_validate(doc)
     except ValidationError as e:

@@ -89,6 +89,9 @@ def _missing(record: dict, fmt: str, where: str) -> None:
 
 
 def _messages(record: dict, where: str) -> Conversation:
+    if not isinstance(record["messages"], list):
+        raise CalibrationError(f"{where}: field 'messages' must be a list of {{role, content}} objects, "
+                               f"found {type(record['messages']).__name__}")
     out = []
     for i, m in enumerate(record["messages"]):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -141,6 +144,8 @@ def _load_json(line: bytes, where: str) -> object:
         return json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CalibrationError(f"{where}: malformed JSON ({e}); fix or remove that line") from None
+    except RecursionError:
+        raise CalibrationError(f"{where}: JSON nested too deeply to be a record; fix or remove that line") from None
 
 
 @dataclass

@@ -63,6 +63,8 @@ def parse_header(raw: bytes, data_bytes: int, path: str = "<header>") -> tuple[d
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack: no real header looks like this
+        raise CheckpointError(f"{path}: safetensors header nests too deeply to be a header; the file is corrupt") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     metadata = doc.pop("__metadata__", None) or {}
@@ -75,19 +77,19 @@ def parse_header(raw: bytes, data_bytes: int, path: str = "<header>") -> tuple[d
 
 def _entry(name: str, spec: object, path: str) -> HeaderEntry:
     if not isinstance(spec, dict):
-        raise CheckpointError(f"{path}: header entry '{name}' is not an object")
+        raise CheckpointError(f"{path}: header entry {name!r} is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
-        raise CheckpointError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor '{name}' has an invalid shape {shape!r}")
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
-        raise CheckpointError(f"{path}: tensor '{name}' has invalid data_offsets {offsets!r}")
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     entry = HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
     if entry.end < entry.begin or entry.nbytes != entry.numel * DTYPE_BYTES[dtype]:
         raise CheckpointError(
-            f"{path}: tensor '{name}' offsets {offsets} do not match {dtype} x {list(shape)}; the header lies, the file is corrupt")
+            f"{path}: tensor {name!r} offsets {offsets} do not match {dtype} x {list(shape)}; the header lies, the file is corrupt")
     return entry
 
 
@@ -95,7 +97,7 @@ def _check_layout(entries: dict[str, HeaderEntry], data_bytes: int, path: str) -
     last_end = 0
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if e.begin < last_end:
-            raise CheckpointError(f"{path}: tensor '{e.name}' overlaps the previous tensor; the header is corrupt")
+            raise CheckpointError(f"{path}: tensor {e.name!r} overlaps the previous tensor; the header is corrupt")
         last_end = e.end
     if last_end > data_bytes:
         raise CheckpointError(

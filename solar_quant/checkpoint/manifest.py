@@ -17,15 +17,17 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     return h.hexdigest()
 
 
-def build_manifest(folder: Path) -> dict:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+def build_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
+    """`exclude`: top-level names (files or folders) left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+                   and p.relative_to(folder).parts[0] not in exclude)
     return {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
 
 
-def write_manifest(folder: Path) -> dict:
+def write_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
     from solar_quant.checkpoint.writer import atomic_write_bytes
 
-    doc = build_manifest(folder)
+    doc = build_manifest(folder, exclude)
     atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode())
     return doc
 

@@ -15,10 +15,11 @@ from functools import cached_property
 from pathlib import Path
 
 from solar_quant.checkpoint.headers import DTYPE_BYTES, HeaderEntry, read_header
-from solar_quant.errors import CheckpointError
+from solar_quant.errors import CheckpointError, NumericsError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+FLOAT_DTYPES = ("F16", "BF16", "F32")
 READABLE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
@@ -153,6 +154,30 @@ class CheckpointReader:
             return handle.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt data
             raise CheckpointError(f"{self.path / info.shard}: cannot read tensor '{name}' ({e}); the shard is corrupt") from None
+
+    def require_weights(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise unless every tensor in `expected` (name -> shape, from config.json) is present as
+        a 16/32-bit float tensor of that shape: checked from the headers, before any work starts."""
+        for name, dims in expected.items():
+            info = self.info(name)
+            where = self.path / info.shard
+            if tuple(info.shape) != tuple(dims):
+                raise CheckpointError(f"{where}: tensor '{name}' has shape {list(info.shape)}, but "
+                                      f"{self.path / 'config.json'} implies {list(dims)}; the config and weights disagree")
+            if info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{where}: tensor '{name}' has dtype {info.dtype}; a 16-bit source holds "
+                                      f"{'/'.join(FLOAT_DTYPES)} weights (re-export the checkpoint in float16)")
+
+    def require_finite(self, name: str, tensor: "torch.Tensor") -> None:  # noqa: F821
+        """Raise NumericsError naming the shard and tensor if `tensor` holds NaN or Inf."""
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            return
+        import torch
+
+        low, high = torch.aminmax(tensor)  # NaN propagates, Inf shows as an extreme: one pass, no mask
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise NumericsError(f"{self.path / self.info(name).shard}: tensor '{name}' holds NaN or Inf; "
+                                "fix or re-export the source checkpoint (solar-quant will not quantize it)")
 
     def release(self) -> None:
         """Close the open shard handles. A handle keeps its whole shard memory-mapped, and every

@@ -57,24 +57,31 @@ class StagedFolder:
         self.write_text(name, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
     def commit(self, exclude: tuple[str, ...] = ()) -> Path:
-        """Write manifest.json, then move the staged folder to its final name."""
-        for name in exclude:
-            p = self.staging / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        """Write manifest.json, then move the staged folder to its final name.
+
+        `exclude` (e.g. a resumable job's files) is left out of the manifest and removed only
+        after hashing, so an interruption while a large folder is hashed keeps the job; the
+        removal and the renames run with SIGINT/SIGTERM held, so they are never split."""
+        from solar_quant.signals import deferred
+
         try:
-            write_manifest(self.staging)
-            old = None
-            if self.final.exists():
-                old = self.final.parent / f".{self.final.name}.old"
-                if old.exists():
+            write_manifest(self.staging, exclude=exclude)
+            with deferred():
+                for name in exclude:
+                    p = self.staging / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+                old = None
+                if self.final.exists():
+                    old = self.final.parent / f".{self.final.name}.old"
+                    if old.exists():
+                        shutil.rmtree(old)
+                    self.final.rename(old)
+                self.staging.rename(self.final)
+                if old is not None:
                     shutil.rmtree(old)
-                self.final.rename(old)
-            self.staging.rename(self.final)
-            if old is not None:
-                shutil.rmtree(old)
         except OSError as e:
             raise _os_error(self.final, e) from None
         return self.final
@@ -94,6 +101,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _os_error(path, e) from None
+    except BaseException:  # interrupted: leave no stray .tmp in a folder a resumed job will hash
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -6,9 +6,10 @@ import os
 
 import typer
 
-from solar_quant.cli.commands import calibrate_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd, run_cmd
+from solar_quant.cli.commands import (calibrate_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd,
+                                      run_cmd, verify_cmd)
 
-VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, eval_cmd, run_cmd)
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd)
 
 app = typer.Typer(
     name="solar-quant",
@@ -22,6 +23,9 @@ for module in VERBS:
 
 
 def main() -> None:
+    from solar_quant.signals import install
+
+    install()  # SIGTERM stops a command the way Ctrl-C does: cleanup runs, resumable jobs are kept
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     app()

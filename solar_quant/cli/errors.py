@@ -24,8 +24,10 @@ def friendly(fn):
         except SolarQuantError as e:
             report(str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            report(str(Interrupted("interrupted")))
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM once signals.install() ran
+            from solar_quant.signals import interrupt_message
+
+            report(interrupt_message())
             raise typer.Exit(Interrupted.exit_code) from None
         except MemoryError:
             report("out of host memory; use a smaller --seqlen/--nsamples or a machine with more RAM")

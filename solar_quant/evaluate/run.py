@@ -242,7 +242,10 @@ def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str
         release()
     report = build_report(entries, plan.protocol, time.monotonic() - wall)
     report["gates"] = check_gates(report, opts)
-    write_report(report, out_dir)
+    from solar_quant.signals import deferred
+
+    with deferred():  # Ctrl-C/SIGTERM never split plots, report.json and report.md
+        write_report(report, out_dir)
     show(console_table(report))
     failed = [f"{g['model']}: {g['check']} {g['value']:.4g} vs limit {g['limit']:g}"
               for g in report["gates"]["results"] if not g["passed"]]

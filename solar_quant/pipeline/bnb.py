@@ -18,7 +18,7 @@ from solar_quant import progress
 from solar_quant.architecture import LlamaShape, is_linear_weight
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
-from solar_quant.errors import NumericsError, OptionError, OutputError
+from solar_quant.errors import OptionError, OutputError
 from solar_quant.formats import bnb as fmt
 from solar_quant.methods import bnb as method
 from solar_quant.options import BnbOptions, OutputOptions
@@ -55,7 +55,7 @@ def _check_inputs(src, out, bnb: BnbOptions, output: OutputOptions) -> tuple[Che
     reader = CheckpointReader(src)
     reader.require_llama()
     reader.require_unquantized()
-    LlamaShape.from_config(reader.config, str(reader.path / "config.json"))
+    shape = LlamaShape.from_config(reader.config, str(reader.path / "config.json"))
     src_path, out_path = reader.path.resolve(), Path(out).resolve()
     if out_path == src_path or src_path in out_path.parents:
         raise OutputError(f"{out}: lies inside the source checkpoint {src}; choose an output folder outside it")
@@ -66,6 +66,7 @@ def _check_inputs(src, out, bnb: BnbOptions, output: OutputOptions) -> tuple[Che
     for key in bnb.skip_modules:
         fmt.should_quantize("probe", (key,))  # an invalid pattern fails here, naming --skip-modules
     reader.tensors  # noqa: B018 - validates every shard header now, not halfway through
+    reader.require_weights(shape.tensor_shapes())  # shapes and dtypes agree with config.json
     return reader, rope
 
 
@@ -107,13 +108,7 @@ def _quantizes(name: str, reader: CheckpointReader, bnb: BnbOptions) -> bool:
 
 
 def _require_finite(reader: CheckpointReader, name: str, tensor: torch.Tensor) -> None:
-    """Refuse NaN/Inf. aminmax propagates NaN and returns +-Inf when present: one pass, no temporaries."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    low, high = torch.aminmax(tensor)
-    if not (torch.isfinite(low) and torch.isfinite(high)):
-        raise NumericsError(f"{reader.path / reader.info(name).shard}: tensor '{name}' holds NaN or Inf; "
-                            "fix or re-export the source checkpoint (solar-quant will not quantize it)")
+    reader.require_finite(name, tensor)
 
 
 def _return_freed_memory_promptly() -> None:

@@ -25,10 +25,10 @@ from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS, LlamaShape
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
 from solar_quant.devices import compute_dtype, resolve_device
-from solar_quant.errors import (CalibrationError, CheckpointError, InputError, Interrupted, NumericsError,
-                                OptionError)
+from solar_quant.errors import (CalibrationError, InputError, Interrupted, NumericsError, OptionError,
+                                OutputError)
 from solar_quant.options import GptqOptions, OutputOptions
-from solar_quant.pipeline.job import JOB_DIR, Job
+from solar_quant.pipeline.job import JOB_DIR, JOB_FILE, Job
 from solar_quant.rope import RopeScaling
 from solar_quant.variant import RECORD_NAME, copy_side_files, tool_record, variant_config
 
@@ -63,8 +63,9 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
     for w in warnings:
         log(f"warning: {w['message']}")
 
+    _check_output(reader, out)
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
-    job = _open_job(staged, spec, resume, log)
+    job = _open_job(staged, spec, resume, log)  # outside the try: a refused --resume keeps the job
     with _sigterm_raises():
         try:
             _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, log)
@@ -72,17 +73,38 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
         except (InputError, NumericsError):
             staged.abandon()
             raise
+        except OutputError as e:  # e.g. disk full: keep a saved job to resume once there is room
+            if not (job.dir / JOB_FILE).is_file():
+                staged.abandon()
+                raise
+            raise OutputError(f"{e}; then rerun the same command with --resume to continue from layer "
+                              f"{job.layers_done}") from None
         except (KeyboardInterrupt, Interrupted):
-            raise Interrupted(f"interrupted after {job.layers_done}/{shape.layers} layers; the job is kept in "
-                              f"{staged.staging}: rerun the same command with --resume to continue") from None
+            raise _interrupted(staged, job, shape) from None
+
+
+def _interrupted(staged: StagedFolder, job: Job, shape: LlamaShape) -> Interrupted:
+    """The one line an interrupted run ends with; a staging folder without a saved job is removed."""
+    if not staged.staging.exists() and staged.final.is_dir():  # the signal came as the commit finished
+        return Interrupted(f"interrupted after {staged.final} was complete; it is kept (check it with "
+                           f"`solar-quant verify {staged.final}`)")
+    if not (job.dir / JOB_FILE).is_file():
+        staged.abandon()
+        return Interrupted(f"interrupted before the first layer was saved; nothing was left under {staged.final}; "
+                           "rerun the same command to start again")
+    return Interrupted(f"interrupted after {job.layers_done}/{shape.layers} layers; the job is kept in "
+                       f"{staged.staging}: rerun the same command with --resume to continue")
 
 
 # -- checks before any work ---------------------------------------------------------------
 def _check_source_tensors(reader: CheckpointReader, shape: LlamaShape) -> None:
-    for name, dims in shape.tensor_shapes().items():
-        info = reader.info(name)
-        if tuple(info.shape) != tuple(dims):
-            raise CheckpointError(f"{reader.path}: tensor '{name}' has shape {list(info.shape)}, config.json implies {list(dims)}")
+    reader.require_weights(shape.tensor_shapes())
+
+
+def _check_output(reader: CheckpointReader, out) -> None:
+    src_path, out_path = reader.path.resolve(), Path(out).resolve()
+    if out_path == src_path or src_path in out_path.parents:
+        raise OutputError(f"{out}: lies inside the source checkpoint {reader.path}; choose an output folder outside it")
 
 
 def check_calibration(reader: CheckpointReader, calib, shape: LlamaShape) -> None:
@@ -94,37 +116,11 @@ def check_calibration(reader: CheckpointReader, calib, shape: LlamaShape) -> Non
     if int(ids.min()) < 0 or int(ids.max()) >= shape.vocab:
         raise CalibrationError(f"calibration token ids span {int(ids.min())}..{int(ids.max())} but {reader.path} has a "
                                f"vocabulary of {shape.vocab}; rebuild the artifact with this model's tokenizer")
-    want = (calib.card or {}).get("tokenizer")
-    if want is None:
-        return
-    diffs = tokenizer_differences(want, tokenizer_identity(reader.path))
-    if diffs:
-        raise CalibrationError(f"the calibration set was made with a different tokenizer than {reader.path} "
-                               f"({'; '.join(diffs)}); rebuild it with `solar-quant calibrate --model {reader.path}`")
+    from solar_quant.calibration.artifact import TOKENIZER_FILES, check_tokenizer
 
-
-def tokenizer_identity(model_path: Path) -> dict:
-    """The tokenizer identity as `solar_quant.calibration` records it in a card (the sha256 of
-    tokenizer.json alone where that package does not provide one)."""
-    try:
-        from solar_quant.calibration.artifact import tokenizer_identity as calibration_identity
-    except ImportError:
-        from solar_quant.checkpoint.manifest import sha256_file
-
-        path = Path(model_path) / "tokenizer.json"
-        return {"files": {"tokenizer.json": sha256_file(path)}} if path.is_file() else {"files": {}}
-    return calibration_identity(model_path)
-
-
-def tokenizer_differences(want: dict, have: dict) -> list[str]:
-    try:
-        from solar_quant.calibration.artifact import tokenizer_differences as calibration_differences
-    except ImportError:
-        a, b = (want or {}).get("files") or {}, (have or {}).get("files") or {}
-        common = set(a) & set(b)
-        return [f"{n} sha256 differs" for n in sorted(common) if a[n] != b[n]] if common else \
-            [f"no tokenizer file in common ({sorted(a)} vs {sorted(b)})"]
-    return calibration_differences(want, have)
+    has_tokenizer = any((reader.path / name).is_file() for name in TOKENIZER_FILES)
+    if (calib.card or {}).get("tokenizer") and has_tokenizer:
+        check_tokenizer(calib, reader.path)
 
 
 def partial_group_warnings(shape: LlamaShape, gptq: GptqOptions) -> list[dict]:
@@ -159,6 +155,8 @@ def _open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
     if job is None:
         if resume:
             log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
+            staged.abandon()  # whatever a job-less staging folder holds is not ours to continue from
+            staged.staging.mkdir(parents=True)
         return Job(staged.staging, spec)
     job.check_matches(spec)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
@@ -192,7 +190,7 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
     hidden = None
     if job.writer_state is None:  # a fresh job: embeddings first
         writer = job.restore_writer(output.shard_size)
-        writer.add("model.embed_tokens.weight", reader.get("model.embed_tokens.weight").to(torch.float16))
+        writer.add("model.embed_tokens.weight", _finite(reader, "model.embed_tokens.weight").to(torch.float16))
         if calib is not None:
             hidden = embed_tokens(reader, calib.input_ids)
         _save_progress(job, writer, hidden, 0)
@@ -224,9 +222,9 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
         layer_bar.step(f"done: model.layers.{i}")
     del hidden, spare
 
-    writer.add("model.norm.weight", reader.get("model.norm.weight").to(torch.float16))
+    writer.add("model.norm.weight", _finite(reader, "model.norm.weight").to(torch.float16))
     if not shape.tie_word_embeddings:
-        writer.add("lm_head.weight", reader.get("lm_head.weight").to(torch.float16))
+        writer.add("lm_head.weight", _finite(reader, "lm_head.weight").to(torch.float16))
     writer.close()
     damp_used = max((lin["damp"] for rec in job.records for lin in rec["linears"].values()), default=None)
     qcfg = quantization_config(gptq, damp_used=damp_used if gptq.method == "gptq" else None)
@@ -236,10 +234,19 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
     staged.write_json(RECORD_NAME, _record(reader, gptq, calib, output, dev, job.records, warnings))
 
 
+def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
+    tensor = reader.get(name)
+    reader.require_finite(name, tensor)
+    return tensor
+
+
 def _load_layer(reader, config, i, dev, dtype):
     from solar_quant.pipeline.layers import load_decoder_layer
 
-    return load_decoder_layer(reader, config, i, dev, dtype)
+    layer = load_decoder_layer(reader, config, i, dev, dtype)
+    for name, param in layer.named_parameters():
+        reader.require_finite(f"{layer_prefix(i)}{name}", param)
+    return layer
 
 
 def reader_release(reader: CheckpointReader) -> None:

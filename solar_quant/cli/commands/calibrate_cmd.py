@@ -27,6 +27,10 @@ def calibrate(
     """Render sources with a prompt template, tokenize, mix by weight and save NSAMPLES x SEQLEN token ids with a JSON card."""
     from solar_quant.calibration.build import build_calibration, calibration_options, summary
     from solar_quant.errors import OutputError
+    from solar_quant.signals import set_interrupt_hint
+
+    set_interrupt_hint(f"interrupted; nothing partial was left under --out {out} (the artifact appears there only "
+                       "when complete); rerun the same command to start again")
 
     opts = calibration_options(source, fmt, template=template, nsamples=nsamples, seqlen=seqlen, seed=seed, short=short)
     if Path(out).exists() and not overwrite:

@@ -58,6 +58,10 @@ def eval_(
     """
     from solar_quant.evaluate.run import evaluate
     from solar_quant.options import EvalOptions, build
+    from solar_quant.signals import set_interrupt_hint
+
+    set_interrupt_hint(f"interrupted; {out}/report.json is written only when the evaluation finishes; rerun the same "
+                       f"command: baseline sections already scored are reused from {cache_dir or out + '/baseline-cache'}")
 
     contexts = _numbers(context, int, "--context")
     depths = _numbers(passkey_depths, float, "--passkey-depths") or (0.1, 0.5, 0.9)

@@ -45,6 +45,10 @@ def quantize(
     """Quantize SRC into OUT, one tensor (bnb) or one decoder layer (gptq/rtn) at a time."""
     from solar_quant.options import OutputOptions, build, parse_size
     from solar_quant.rope import RopeScaling
+    from solar_quant.signals import set_interrupt_hint
+
+    set_interrupt_hint(f"interrupted; nothing partial was left under {out} (a variant appears there only when "
+                       "complete); rerun the same command to start again")
 
     RopeScaling.parse(rope_scaling)
     output = build(OutputOptions, shard_size=parse_size(shard_size), rope_scaling=rope_scaling, overwrite=overwrite)
