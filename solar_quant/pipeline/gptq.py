@@ -106,7 +106,7 @@ def check_calibration(reader: CheckpointReader, calib, shape: LlamaShape) -> Non
 def tokenizer_identity(model_path: Path):
     """The tokenizer identity as the calibration package records it; sha256 of tokenizer.json otherwise."""
     try:
-        from solar_quant.calibration import tokenizer_identity as calibration_identity
+        from solar_quant.calibration.artifact import tokenizer_identity as calibration_identity
     except ImportError:
         calibration_identity = None
     if calibration_identity is not None:
@@ -118,6 +118,10 @@ def tokenizer_identity(model_path: Path):
 
 
 def _same_tokenizer(want, have) -> bool:
+    if isinstance(want, dict) and isinstance(have, dict) and "files" in want and "files" in have:
+        from solar_quant.calibration.artifact import tokenizer_differences
+
+        return not tokenizer_differences(want, have)
     if isinstance(want, dict) and isinstance(have, dict) and "sha256" in want and "sha256" in have:
         return want["sha256"] == have["sha256"]
     if isinstance(want, str) and isinstance(have, dict):
