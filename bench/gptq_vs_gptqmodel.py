@@ -1,0 +1,320 @@
+"""Our GPTQ against GPTQModel 7.6.0 on SmolLM2-135M: same calibration token ids, same options,
+alternating runs, each in a fresh process; then perplexity and KL vs fp16 with one baseline.
+
+    PYTHONPATH=. python bench/gptq_vs_gptqmodel.py [--work /tmp/sqbench/gvg] [--nsamples 64 --seqlen 512]
+        [--reps 4b-g128=3,4b-g128-act=1,3b-g128=1] [--max-tokens 16384] [--quiet-load 2.5]
+        [--steps calibrate,quantize,eval,report] [--out bench/results/gptq_vs_gptqmodel.json]
+
+Steps (each resumable: finished runs are kept in the JSON and skipped):
+1. calibrate: `solar-quant calibrate --model M --out WORK/calib --nsamples N --seqlen L` (the bundled set).
+2. quantize: for each config, `reps` pairs in the order ours, theirs, ours, theirs, ...:
+   ours = `python -m solar_quant quantize M OUT --method gptq --calibration WORK/calib ...`,
+   theirs = `python bench/gptqmodel_run.py M OUT --calibration WORK/calib ...` (GPTQModel, fp32 on CPU,
+   the identical ids, act_group_aware off, GPTQ v1). Then RTN (ours, same grid) per bits and bnb-nf4 once.
+   Each run: wall time, CPU time, peak RSS (os.wait4 of the child), load average at start and end,
+   output bytes. Before each run the script waits (up to --max-wait s) for the 1-minute load
+   average to fall to --quiet-load.
+3. eval: `solar_quant.evaluate.run.evaluate` per output against the fp16 folder, one baseline cache:
+   bundled held-out text, windows of --eval-seqlen tokens, stride = seqlen, the first --max-tokens
+   tokens, fp32 on CPU, KL from the baseline's top-64 log-probs + the rest mass. Outputs with
+   byte-identical tensors reuse the first one's scores.
+4. report: ours/theirs ratios (min / median / max over the pairs) of wall time, peak RSS, output
+   bytes, perplexity and mean KL; issue 5's bars (GPTQ's perplexity excess over fp16 vs RTN's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+MODEL = "/tmp/sqcache/models/SmolLM2-135M-Instruct-fp16"
+CONFIGS = {  # name -> (bits, group size, act-order)
+    "4b-g128": (4, 128, False),
+    "4b-g128-act": (4, 128, True),
+    "3b-g128": (3, 128, False),
+}
+DAMP = 0.01
+BARS = {"4b-g128": 0.5, "3b-g128": 0.2}  # issue 5: GPTQ's ppl excess <= BAR x RTN's excess
+SAME_WITHIN = 1.01  # issue 5: our ppl and KL no worse than GPTQModel's within 1 %
+
+
+def parse_reps(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        if name not in CONFIGS:
+            raise SystemExit(f"--reps: unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
+        out[name] = int(n or 1)
+    return out
+
+
+def schedule(reps: dict[str, int]) -> list[dict]:
+    """Every run in execution order: A B A B ... per config, then the RTN floors and bnb-nf4."""
+    runs = []
+    for name, n in reps.items():
+        for rep in range(1, n + 1):
+            for impl in ("ours", "theirs"):
+                runs.append({"id": f"{name}-{impl}-{rep}", "config": name, "impl": impl, "rep": rep})
+    for bits in sorted({CONFIGS[n][0] for n in reps}, reverse=True):
+        runs.append({"id": f"rtn-{bits}b-g128", "config": f"rtn-{bits}b-g128", "impl": "ours-rtn", "rep": 1})
+    runs.append({"id": "bnb-nf4", "config": "bnb-nf4", "impl": "ours-bnb", "rep": 1})
+    return runs
+
+
+def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
+    py = benchlib.PYTHON
+    if run["impl"] == "ours-rtn":
+        bits = int(run["config"].split("-")[1][0])
+        return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "rtn", "--bits", str(bits),
+                "--group-size", "128"]
+    if run["impl"] == "ours-bnb":
+        return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "bnb-nf4"]
+    bits, group, act = CONFIGS[run["config"]]
+    if run["impl"] == "ours":
+        return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "gptq", "--bits", str(bits),
+                "--group-size", str(group), "--damp", str(DAMP), "--calibration", str(calib),
+                "--act-order" if act else "--no-act-order"]
+    return [py, "bench/gptqmodel_run.py", model, str(out), "--calibration", str(calib), "--bits", str(bits),
+            "--group-size", str(group), "--damp", str(DAMP)] + (["--act-order"] if act else [])
+
+
+def tensors_sha256(folder: Path) -> str:
+    """Identity of a folder's tensors: names, dtypes, shapes and data, independent of sharding."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    entries = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                entries[name] = f
+    for name in sorted(entries):
+        with safe_open(str(entries[name]), "pt") as st:
+            t = st.get_tensor(name)
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_doc(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def step_calibrate(args, doc) -> None:
+    calib = args.work / "calib"
+    if (calib / "calibration.safetensors").is_file():
+        return
+    cmd = [benchlib.PYTHON, "-m", "solar_quant", "calibrate", "--model", args.model, "--out", str(calib),
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    doc["calibration"] = {"command": " ".join(cmd[1:]), **benchlib.measure(cmd, args.work / "calibrate.log")}
+    card = json.loads((calib / "calibration.json").read_text())
+    doc["calibration"].update({"sha256": card.get("sha256"), "tokens": card.get("tokens"),
+                               "mix": card.get("mix"), "template": card.get("template")})
+
+
+def step_quantize(args, doc, save) -> None:
+    runs = doc.setdefault("runs", {})
+    for run in schedule(args.reps):
+        if run["id"] in runs:
+            continue
+        quiet = benchlib.wait_for_quiet(args.quiet_load, args.max_wait, log=lambda m: print(m, flush=True))
+        out = args.work / "out" / run["id"]
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = command(run, args.model, args.work / "calib", out)
+        print(f"{dt.datetime.now():%H:%M:%S} {run['id']}: {' '.join(cmd[1:])}", flush=True)
+        result = benchlib.measure(cmd, args.work / f"{run['id']}.log")
+        log_text = (args.work / f"{run['id']}.log").read_text(errors="replace")
+        timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines() if line.startswith("GPTQMODEL_TIMING ")]
+        runs[run["id"]] = {**run, "command": " ".join(["python", *cmd[1:]]), **result, "waited_for_quiet": quiet,
+                           "output": str(out), "safetensors_bytes": benchlib.folder_bytes(out),
+                           "tensor_bytes": sum(b for _, _, b in benchlib.safetensors_tensor_bytes(out).values()),
+                           "checkpoint_format": _checkpoint_format(out), **({"phases": timing[-1]} if timing else {})}
+        print(f"  wall {result['wall_s']} s, peak RSS {result['peak_rss_mib']} MiB, load {result['load1_start']}"
+              f"->{result['load1_end']}", flush=True)
+        save()
+
+
+def _checkpoint_format(out: Path):
+    cfg = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
+    return cfg.get("checkpoint_format") or cfg.get("format") or cfg.get("quant_method")
+
+
+def step_eval(args, doc, save) -> None:
+    from solar_quant.calibration.bundled import default_eval_text
+    from solar_quant.evaluate.run import evaluate
+    from solar_quant.options import EvalOptions
+
+    opts = EvalOptions(text=str(default_eval_text()), seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
+                       passkey_trials=0, device="cpu", cache_dir=str(args.work / "baseline-cache"))
+    scores = doc.setdefault("scores", {})
+    for rid, run in doc.get("runs", {}).items():
+        if rid in scores:
+            continue
+        out = Path(run["output"])
+        sha = tensors_sha256(out)
+        same = next((k for k, s in scores.items() if s.get("tensors_sha256") == sha), None)
+        if same is not None:
+            scores[rid] = {**scores[same], "identical_to": same}
+        else:
+            report = evaluate(args.model, [str(out)], opts, str(args.work / "eval" / rid),
+                              log=lambda m: None, show=lambda m: None)
+            base, var = report["models"][0]["short"], report["models"][1]["short"]
+            doc["eval_protocol"] = {k: report["protocol"][k] for k in ("text", "tokens", "sections", "kl", "dtype", "device")}
+            doc["fp16"] = {"ppl": base["ppl"], "nll": base["nll"], "tokens": base["tokens"]}
+            scores[rid] = {"ppl": var["ppl"], "ppl_ratio": var["ppl_ratio"], "kl_mean": var["kl_mean"],
+                           "kl_p99": var["kl_p99"], "top1": var["top1"], "tokens": var["tokens"],
+                           "notes": report["models"][1].get("notes")}
+        scores[rid]["tensors_sha256"] = sha
+        print(f"{rid}: ppl {scores[rid]['ppl']:.4f} KL {scores[rid]['kl_mean']:.5f}"
+              + (f" (identical tensors to {same})" if same else ""), flush=True)
+        save()
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)} if xs else {}
+
+
+def step_report(args, doc) -> None:
+    runs, scores = doc.get("runs", {}), doc.get("scores", {})
+    fp16 = doc.get("fp16", {}).get("ppl")
+    summary = {}
+    for name in CONFIGS:
+        pairs = []
+        for rep in range(1, 100):
+            a, b = runs.get(f"{name}-ours-{rep}"), runs.get(f"{name}-theirs-{rep}")
+            if a is None or b is None:
+                break
+            pairs.append((rep, a, b))
+        if not pairs:
+            continue
+        ratios = {"wall_s": [], "peak_rss_mib": [], "safetensors_bytes": [], "ppl": [], "kl_mean": []}
+        for rep, a, b in pairs:
+            for key in ("wall_s", "peak_rss_mib", "safetensors_bytes"):
+                ratios[key].append(a[key] / b[key])
+            sa, sb = scores.get(a["id"]), scores.get(b["id"])
+            if sa and sb:
+                ratios["ppl"].append(sa["ppl"] / sb["ppl"])
+                ratios["kl_mean"].append(sa["kl_mean"] / sb["kl_mean"])
+        per_impl = {}
+        for impl in ("ours", "theirs"):
+            rows = [r for _, *ab in pairs for r in ab if r["impl"] == impl]
+            per_impl[impl] = {key: _stats([r[key] for r in rows]) for key in ("wall_s", "cpu_s", "peak_rss_mib", "safetensors_bytes")}
+            ppl = [scores[r["id"]]["ppl"] for r in rows if r["id"] in scores]
+            kl = [scores[r["id"]]["kl_mean"] for r in rows if r["id"] in scores]
+            per_impl[impl].update(ppl=_stats(ppl), kl_mean=_stats(kl))
+        ratio_stats = {k: _stats(v) for k, v in ratios.items()}
+        checks = {}
+        if ratio_stats["ppl"]:
+            checks = {"ppl_within_1pct": ratio_stats["ppl"]["max"] <= SAME_WITHIN,
+                      "kl_within_1pct": ratio_stats["kl_mean"]["max"] <= SAME_WITHIN,
+                      "wall_lower": ratio_stats["wall_s"]["max"] < 1.0,
+                      "peak_rss_lower": ratio_stats["peak_rss_mib"]["max"] < 1.0}
+        summary[name] = {"pairs": len(pairs), "ratios_ours_over_theirs": ratio_stats, "per_impl": per_impl,
+                         "issue5_peer_checks": checks}
+    bars = {}
+    for name, bar in BARS.items():
+        bits = CONFIGS[name][0]
+        rtn = scores.get(f"rtn-{bits}b-g128")
+        ours = [scores[r] for r in (f"{name}-ours-{i}" for i in range(1, 100)) if r in scores]
+        theirs = [scores[r] for r in (f"{name}-theirs-{i}" for i in range(1, 100)) if r in scores]
+        if fp16 is None or rtn is None or not ours:
+            continue
+        rtn_excess = rtn["ppl"] - fp16
+        ours_excess = statistics.median(s["ppl"] for s in ours) - fp16
+        row = {"fp16_ppl": fp16, "rtn_ppl": rtn["ppl"], "rtn_excess": rtn_excess,
+               "gptq_ppl": ours_excess + fp16, "gptq_excess": ours_excess,
+               "excess_ratio": ours_excess / rtn_excess, "bar": bar, "passed": ours_excess <= bar * rtn_excess}
+        if theirs:
+            te = statistics.median(s["ppl"] for s in theirs) - fp16
+            row.update(gptqmodel_excess=te, gptqmodel_excess_ratio=te / rtn_excess)
+        bars[name] = row
+    doc["summary"], doc["issue5_bars"] = summary, bars
+    print(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    runs, scores = doc.get("runs", {}), doc.get("scores", {})
+    lines = ["| run | wall s | CPU s | peak RSS MiB | safetensors MB | ppl | mean KL | top-1 | load 1m start→end |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    if "fp16" in doc:
+        lines.append(f"| fp16 | | | | | {doc['fp16']['ppl']:.3f} | 0 | 1 | |")
+    for rid, r in runs.items():
+        s = scores.get(rid, {})
+        ppl = f"{s['ppl']:.3f}" if s else ""
+        kl = f"{s['kl_mean']:.4f}" if s else ""
+        top1 = f"{s['top1']:.3f}" if s else ""
+        lines.append(f"| {rid} | {r['wall_s']:.1f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['safetensors_bytes'] / 1e6:.1f} | {ppl} | {kl} | {top1} | {r['load1_start']}→{r['load1_end']} |")
+    lines += ["", "| config | pairs | wall | peak RSS | size | ppl | mean KL |", "|---|---|---|---|---|---|---|"]
+    for name, s in doc.get("summary", {}).items():
+        r = s["ratios_ours_over_theirs"]
+        cell = lambda k: (f"{r[k]['min']:.3f} / {r[k]['median']:.3f} / {r[k]['max']:.3f}" if r.get(k) else "–")  # noqa: E731
+        lines.append(f"| {name} | {s['pairs']} | {cell('wall_s')} | {cell('peak_rss_mib')} | {cell('safetensors_bytes')} | "
+                     f"{cell('ppl')} | {cell('kl_mean')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sqbench/gvg"))
+    ap.add_argument("--out", type=Path, default=benchlib.ROOT / "bench" / "results" / "gptq_vs_gptqmodel.json")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--reps", type=parse_reps, default=parse_reps("4b-g128=3,4b-g128-act=1,3b-g128=1"))
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--quiet-load", type=float, default=2.5)
+    ap.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine before each run")
+    ap.add_argument("--steps", default="calibrate,quantize,eval,report")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    doc = load_doc(args.out)
+    doc["protocol"] = {
+        "model": args.model, "calibration": {"source": "bundled set (solar-quant calibrate defaults: solar template, "
+                                             "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,
+                                             "seqlen": args.seqlen},
+        "configs": {k: {"bits": b, "group_size": g, "act_order": a, "sym": True, "damp": DAMP, "true_sequential": True}
+                    for k, (b, g, a) in CONFIGS.items()},
+        "reps": args.reps, "order": "per config: ours, theirs, ours, theirs, ... then RTN, bnb-nf4",
+        "gptqmodel": "bench/gptqmodel_run.py: GPTQModel.load(dtype=float32, device=cpu), QuantizeConfig(format='gptq', "
+                     "act_group_aware=False, sym=True, true_sequential=True, damp_percent=0.01), quantize(the artifact's "
+                     "ids, batch_size=1, calibration_sort=None), save(); GPTQMODEL_CPU_WORKERS=2",
+        "ours": "python -m solar_quant quantize M OUT --method gptq --calibration WORK/calib (fp32 compute on CPU)",
+        "measurement": "fresh child process per run; wall = parent monotonic clock; peak RSS = os.wait4 ru_maxrss",
+        "eval": {"text": "solar_quant.calibration.bundled.default_eval_text()", "seqlen": args.eval_seqlen,
+                 "stride": args.eval_seqlen, "max_tokens": args.max_tokens, "dtype": "float32", "device": "cpu",
+                 "kl": "mean KL(fp16 || variant) per token, baseline top-64 log-probs + rest mass"},
+        "quiet_load": args.quiet_load,
+    }
+    doc["machine"], doc["versions"], doc["commit"] = benchlib.machine(), benchlib.versions(), benchlib.git_commit()
+    doc["command"] = "PYTHONPATH=. python " + " ".join(["bench/gptq_vs_gptqmodel.py", *sys.argv[1:]])
+
+    def save():
+        benchlib.write_json(args.out, doc)
+
+    steps = args.steps.split(",")
+    if "calibrate" in steps:
+        step_calibrate(args, doc)
+        save()
+    if "quantize" in steps:
+        step_quantize(args, doc, save)
+    if "eval" in steps:
+        step_eval(args, doc, save)
+    if "report" in steps:
+        step_report(args, doc)
+        save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""One Llama-2-70B decoder layer through our GPTQ on one GPU: seconds per phase, peak GPU memory,
+and the projection for the whole 80-layer model.
+
+    PYTHONPATH=. python bench/gpu_layer_70b.py --device cuda --out gpu_layer_70b.json
+
+Needs only torch, transformers and safetensors (no pydantic, typer or bitsandbytes) and nothing
+from a hub. It imports our torch-only modules: `solar_quant.methods.{grid,gptq}` (the GPTQ math),
+`solar_quant.pipeline.layers` (LayerRunner: how the pipeline runs a layer over calibration
+activations in chunks) and `solar_quant.architecture` (true-sequential groups).
+`solar_quant.formats.gptq_v1` imports pydantic through `solar_quant.options`, so its two packing
+functions are copied below (and checked against it when it is importable).
+
+What it does, as `solar_quant.pipeline.gptq.quantize_layer` does for every layer:
+1. builds transformers' `LlamaDecoderLayer` with the 70B's shapes (hidden 8192, 64 heads / 8 KV
+   heads, intermediate 28672), fp16 random weights (std 0.02) on the device;
+2. calibration activations: random normal hidden states [nsamples, seqlen, hidden]; in `gpu` mode
+   they stay on the GPU in fp16 (2 x 4 GiB for 128 x 2048: input and output); in `cpu` mode they
+   live on the host in fp32 and each chunk is copied in and out, exactly as the pipeline does today;
+3. for each true-sequential group (q/k/v, o, gate/up, down): Hessian collection through forward
+   pre-hooks over all chunks (`--chunk-tokens` per forward, default the pipeline's 4096), each
+   chunk stopped once the group's inputs are seen; then `gptq_quantize` per linear (4-bit g128,
+   act-order, damp 0.01, block 128) and the dequantized weights written back, so later groups
+   see the quantized earlier ones;
+4. forward of the quantized layer over all samples (the next layer's inputs);
+5. packing to GPTQ v1 on the host, as the pipeline's writer does (plus, for comparison, on the GPU).
+
+Hessians are accumulated in fp32 (`H = 2/n sum x x^T`). `--hessian fp32` uses the pipeline's
+`accumulate_hessian` (fp32 inputs and fp32 matmul); `--hessian fp16` (default on CUDA) multiplies
+the fp16 activations on tensor cores with fp32 accumulation and fp32 output
+(`torch.mm(..., out_dtype=torch.float32)`), falling back to fp32 when that kernel is missing;
+both are timed on the first group and their relative difference is reported.
+
+Several layers run (`--activations gpu,gpu,cpu`: one entry per layer; the first warms up
+cuBLAS/cuSOLVER; the projection for each mode uses that mode's last layer). Projection: 80 x the per-layer seconds + reading the 16-bit source
+(`--disk-read-gbps`, an assumption, default 2.0 GB/s, sequential safetensors reads) + writing
+the output and the resume file of hidden states per layer (fp32, the pipeline's job file) at the
+measured write speed of `--scratch`. bnb nf4 conversion of the layer's seven weights is timed with
+`solar_quant.methods.bnb.quantize_4bit` when bitsandbytes is importable, else recorded as absent
+(`--bnb-only --device cpu` measures the CPU path on a machine that has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS  # noqa: E402
+from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize  # noqa: E402
+from solar_quant.methods.grid import QuantSpec  # noqa: E402
+from solar_quant.pipeline.layers import LayerRunner, capture_inputs  # noqa: E402
+
+WORD_BITS = 32
+_U32 = (1 << WORD_BITS) - 1
+
+
+# -- packing, copied from solar_quant/formats/gptq_v1.py (that module imports pydantic) ---------
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes [R, C] (0..2^bits-1) along R into int32 [ceil(R*bits/32), C]."""
+    values = codes.to(torch.int64)
+    R, C = values.shape
+    pad = -R % WORD_BITS
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad, C)])
+    values = values.reshape(-1, WORD_BITS, C)
+    words = values.new_zeros(values.shape[0], bits, C)
+    for j in range(WORD_BITS):
+        word, shift = divmod(bits * j, WORD_BITS)
+        words[:, word] |= (values[:, j] << shift) & _U32
+        if shift + bits > WORD_BITS:
+            words[:, word + 1] |= values[:, j] >> (WORD_BITS - shift)
+    words = words.reshape(-1, C)[: math.ceil(R * bits / WORD_BITS)]
+    return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32).contiguous()
+
+
+def pack(q, bits: int) -> dict[str, torch.Tensor]:
+    maxq = (1 << bits) - 1
+    stored_zeros = (q.zeros.to(torch.int64) - 1) & maxq
+    return {"qweight": pack_codes(q.intweight.t(), bits), "qzeros": pack_codes(stored_zeros.t(), bits).t().contiguous(),
+            "scales": q.scales.to(torch.float16).contiguous(), "g_idx": q.g_idx.to(torch.int32).contiguous()}
+
+
+# -- timing helpers --------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Accumulates synchronized wall seconds per phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def __call__(self, phase: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                sync(clock.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync(clock.device)
+                clock.seconds[phase] = clock.seconds.get(phase, 0.0) + time.perf_counter() - self.start
+
+        return _Span()
+
+
+# -- Hessians --------------------------------------------------------------------------------
+def fp16_accumulator(H, count: int, X: torch.Tensor):
+    """H = 2/n sum x x^T with fp16/bf16 inputs on tensor cores, fp32 accumulation and output."""
+    X = X.reshape(-1, X.shape[-1])
+    rows = X.shape[0]
+    if H is None:
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    total = count + rows
+    XtX = torch.mm(X.t(), X, out_dtype=torch.float32)
+    H.mul_(count / total).add_(XtX, alpha=2.0 / total)
+    return H, total
+
+
+def fp16_accumulator_works(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        X = torch.randn(16, 8, device=device, dtype=torch.float16)
+        H, _ = fp16_accumulator(None, 0, X)
+        ref, _ = accumulate_hessian(None, 0, X)
+        return bool(torch.allclose(H, ref, rtol=1e-3, atol=1e-4))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def collect_hessians(layer, runner, hidden, names, accumulate):
+    """As pipeline.gptq.collect_hessians: hook the group's first linear, stop each chunk there."""
+    modules = {n: layer.get_submodule(n) for n in names}
+    state = {n: (None, 0) for n in names}
+
+    def on_input(name, X):
+        state[name] = accumulate(*state[name], X)
+
+    handles = capture_inputs(modules, on_input)
+    try:
+        runner.feed(layer, hidden, until=modules[names[-1]])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: H for n, (H, _) in state.items()}
+
+
+class CompatRunner(LayerRunner):
+    """LayerRunner with `create_causal_mask` called by whatever keyword names the installed
+    transformers uses (5.24 takes `cache=`, older 5.x `past_key_values=`); used only when the
+    pipeline's own call would not work with this transformers."""
+
+    def inputs(self, hidden):
+        from transformers.masking_utils import create_causal_mask
+
+        params = inspect.signature(create_causal_mask).parameters
+        n, seqlen = hidden.shape[:2]
+        position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)
+        for start in range(0, n, self.chunk):
+            rows = slice(start, min(start + self.chunk, n))
+            h = hidden[rows].to(device=self.device, dtype=self.dtype)
+            kw = {"config": self.config, "attention_mask": None, "position_ids": position_ids,
+                  ("inputs_embeds" if "inputs_embeds" in params else "input_embeds"): h}
+            kw["cache" if "cache" in params else "past_key_values"] = None
+            if "cache_position" in params:
+                kw["cache_position"] = torch.arange(seqlen, device=self.device)
+            mask = create_causal_mask(**kw)
+            yield rows, h, {"attention_mask": mask, "position_ids": position_ids,
+                            "position_embeddings": self.rotary(h, position_ids)}
+
+
+def pipeline_runner_works() -> bool:
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    return "cache" in params and "inputs_embeds" in params
+
+
+def full_name(name: str) -> str:
+    return f"{'self_attn' if name in ATTN_LINEARS else 'mlp'}.{name}"
+
+
+# -- one layer -------------------------------------------------------------------------------
+def build_layer(config, device, dtype, seed: int):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, 0)
+    layer = layer.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).to(dtype) * 0.02)
+    return layer.eval().requires_grad_(False)
+
+
+def quantize_one_layer(layer, runner, hidden, spare, spec, args, accumulate, device) -> dict:
+    clock = Clock(device)
+    quantized = {}
+    errors = {}
+    for group in SEQUENTIAL_GROUPS:
+        names = [full_name(g) for g in group]
+        with clock("hessian"):
+            H = collect_hessians(layer, runner, hidden, [names[0]], accumulate)[names[0]]
+        for name in names:
+            weight = layer.get_submodule(name).weight
+            with clock("gptq_solve"):
+                q = gptq_quantize(weight.detach().to(torch.float32), H, spec, blocksize=128, percdamp=args.damp,
+                                  actorder=args.act_order)
+            with clock("record"):  # what the pipeline's linear_record computes per linear
+                W = weight.detach().to(torch.float32)
+                dW = W - q.dequant
+                errors[name] = float(torch.sqrt(((dW @ H) * dW).sum() / ((W @ H) * W).sum()))
+                del W, dW
+            with clock("write_back"):
+                with torch.no_grad():
+                    weight.copy_(q.dequant)
+            with clock("to_host"):
+                quantized[name] = q.__class__(intweight=q.intweight.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu(),
+                                              g_idx=q.g_idx.cpu(), dequant=torch.empty(0), damp_used=q.damp_used,
+                                              stats=q.stats)
+            if args.pack_on_device:
+                with clock("pack_on_device"):
+                    pack(q, spec.bits)
+            del q
+        del H
+    with clock("forward"):
+        runner.forward(layer, hidden, out=spare)
+    with clock("pack_host"):
+        packed = {name: pack(q, spec.bits) for name, q in quantized.items()}
+    packed_bytes = sum(t.numel() * t.element_size() for p in packed.values() for t in p.values())
+    return {"seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
+            "total_s": round(sum(clock.seconds.values()), 3),
+            "rel_output_error": {k: round(v, 5) for k, v in errors.items()},
+            "packed_bytes": packed_bytes, "packed": packed}
+
+
+def hessian_comparison(layer, runner, hidden, device) -> dict:
+    """Time both accumulators on the q/k/v inputs and compare the Hessians they give."""
+    name = full_name(SEQUENTIAL_GROUPS[0][0])
+    out = {}
+    results = {}
+    for label, fn in (("fp32", accumulate_hessian), ("fp16", fp16_accumulator)):
+        clock = Clock(device)
+        with clock("h"):
+            results[label] = collect_hessians(layer, runner, hidden, [name], fn)[name]
+        out[f"{label}_s"] = round(clock.seconds["h"], 3)
+    a, b = results["fp32"], results["fp16"]
+    out["rel_frobenius_difference"] = float((a - b).norm() / a.norm())
+    return out
+
+
+def bnb_nf4(layer, device) -> dict:
+    try:
+        import bitsandbytes  # noqa: F401
+
+        from solar_quant.methods.bnb import quantize_4bit
+    except ImportError as e:
+        return {"available": False, "why": f"bitsandbytes is not importable here ({e})"}
+    seconds = {}
+    for group in SEQUENTIAL_GROUPS:
+        for g in group:
+            name = full_name(g)
+            w = layer.get_submodule(name).weight.detach().to(torch.float16)
+            sync(device)
+            start = time.perf_counter()
+            quantize_4bit(w, "nf4", device=device)
+            sync(device)
+            seconds[name] = round(time.perf_counter() - start, 3)
+    return {"available": True, "device": str(device), "seconds": seconds, "total_s": round(sum(seconds.values()), 3),
+            "function": "solar_quant.methods.bnb.quantize_4bit(weight fp16, 'nf4', device=...)"}
+
+
+def disk_write_gbps(folder: str, nbytes: int = 1 << 30) -> float:
+    """Sequential write speed of `folder` (one file, fsync), in GB/s."""
+    buf = os.urandom(1 << 24)
+    with tempfile.NamedTemporaryFile(dir=folder) as f:
+        start = time.perf_counter()
+        for _ in range(nbytes // len(buf)):
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+        return nbytes / (time.perf_counter() - start) / 1e9
+
+
+def gptq_v1_bytes(N: int, K: int, bits: int, group: int) -> int:
+    groups = math.ceil(K / group)
+    return 4 * math.ceil(K * bits / 32) * N + 4 * groups * math.ceil(N * bits / 32) + 2 * groups * N + 4 * K
+
+
+def projection(args, layer_s: float, write_gbps: float, layer_fp16_bytes: int, layer_out_bytes: int,
+               hidden_state_bytes: int) -> dict:
+    embed = args.vocab * args.hidden * 2
+    source = args.layers * layer_fp16_bytes + 2 * embed
+    output = args.layers * layer_out_bytes + 2 * embed
+    read_s = source / (args.disk_read_gbps * 1e9)
+    write_s = output / (write_gbps * 1e9)
+    resume_s = args.layers * hidden_state_bytes / (write_gbps * 1e9)
+    compute_s = args.layers * layer_s
+    return {"layers": args.layers, "compute_s": round(compute_s, 1), "source_bytes": source,
+            "read_s": round(read_s, 1), "output_bytes": output, "write_s": round(write_s, 1),
+            "resume_hidden_bytes_per_layer": hidden_state_bytes, "resume_write_s": round(resume_s, 1),
+            "total_s": round(compute_s + read_s + write_s + resume_s, 1),
+            "total_without_resume_files_s": round(compute_s + read_s + write_s, 1),
+            "assumptions": {"disk_read_gbps": args.disk_read_gbps, "disk_write_gbps_measured": round(write_gbps, 3),
+                            "no overlap of I/O and compute (the pipeline reads, computes and writes in turn)": True,
+                            "embeddings and lm_head copied as fp16 (read + write)": True}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--intermediate", type=int, default=28672)
+    ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--layers", type=int, default=80, help="layers in the model (for the projection)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--chunk-tokens", type=int, default=4096, help="calibration tokens per forward (pipeline: 4096)")
+    ap.add_argument("--activations", default="gpu,gpu,cpu",
+                    help="one entry per layer run: gpu (fp16 on the device) or cpu (fp32 on the host, chunks copied in "
+                         "and out as the pipeline does); the first layer warms up")
+    ap.add_argument("--hessian", choices=("auto", "fp16", "fp32"), default="auto")
+    ap.add_argument("--pack-on-device", action="store_true", help="also time packing on the device")
+    ap.add_argument("--disk-read-gbps", type=float, default=2.0)
+    ap.add_argument("--scratch", default=tempfile.gettempdir(), help="folder whose write speed is measured")
+    ap.add_argument("--bnb-only", action="store_true", help="only time the bnb nf4 conversion of one layer")
+    ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'CPU scaled-down proof')")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_layer_70b.py: error: --device cuda but CUDA is not available; use --device cpu with "
+                         "scaled-down shapes")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the pipeline's compute_dtype
+    from transformers import LlamaConfig
+    import transformers
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         head_dim=args.hidden // args.heads, num_hidden_layers=1, vocab_size=args.vocab,
+                         max_position_embeddings=max(4096, args.seqlen), rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config._attn_implementation = "sdpa"
+    doc = {"label": args.label, "args": vars(args), "command": " ".join(["python", *sys.argv]),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version()},
+           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+           "compute_dtype": str(dtype).removeprefix("torch.")}
+    out_path = Path(args.out)
+
+    def save():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    wall = time.perf_counter()
+    layer = build_layer(config, device, dtype, args.seed)
+    doc["bnb_nf4"] = bnb_nf4(layer, device)
+    save()
+    if args.bnb_only:
+        print(json.dumps(doc["bnb_nf4"]))
+        return
+
+    modes = args.activations.split(",")
+    if any(m not in ("gpu", "cpu") for m in modes):
+        raise SystemExit(f"gpu_layer_70b.py: error: --activations {args.activations!r}: a comma list of gpu / cpu")
+    runner_cls = LayerRunner if pipeline_runner_works() else CompatRunner
+    runner = runner_cls(config, device, dtype, chunk=max(1, args.chunk_tokens // args.seqlen))
+    doc["runner"] = ("solar_quant.pipeline.layers.LayerRunner" if runner_cls is LayerRunner else
+                     "CompatRunner: this transformers' create_causal_mask does not take the pipeline's keywords "
+                     "(cache=, inputs_embeds=); the pipeline's LayerRunner would fail here")
+    if args.hessian == "auto":
+        accumulate = fp16_accumulator if fp16_accumulator_works(device) else accumulate_hessian
+    else:
+        accumulate = fp16_accumulator if args.hessian == "fp16" else accumulate_hessian
+    doc["hessian_kernel"] = ("fp16 inputs, fp32 accumulate (torch.mm out_dtype=float32)" if accumulate is fp16_accumulator
+                             else "fp32 (solar_quant.methods.gptq.accumulate_hessian)")
+    spec = QuantSpec(args.bits, args.group_size, True)
+    doc["layers_run"] = []
+    hidden = spare = None
+    for i, mode in enumerate(modes):
+        if i == 0 or mode != modes[i - 1]:
+            hidden = spare = None
+            act_device = device if mode == "gpu" else torch.device("cpu")
+            act_dtype = dtype if mode == "gpu" else torch.float32  # the pipeline keeps fp32 states on the host
+            gen = torch.Generator(device=act_device).manual_seed(args.seed + 1)
+            hidden = torch.randn(args.nsamples, args.seqlen, args.hidden, generator=gen, device=act_device,
+                                 dtype=act_dtype)
+            spare = torch.empty_like(hidden)
+        if i == 0 and fp16_accumulator_works(device):
+            doc["hessian_comparison_qkv"] = hessian_comparison(layer, runner, hidden, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if i > 0:
+            layer = build_layer(config, device, dtype, args.seed + 10 * i)
+        result = quantize_one_layer(layer, runner, hidden, spare, spec, args, accumulate, device)
+        packed = result.pop("packed")
+        if i == 0:
+            doc["pack_check"] = check_pack(layer, packed, spec)
+        hidden, spare = spare, hidden
+        result["activations"] = {"where": str(hidden.device), "dtype": str(hidden.dtype).removeprefix("torch."),
+                                 "bytes_per_copy": hidden.numel() * hidden.element_size(), "copies": 2,
+                                 "chunk_samples": runner.chunk}
+        if device.type == "cuda":
+            result["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        doc["layers_run"].append(result)
+        print(f"layer {i} ({mode} activations): {json.dumps(result['seconds'])} total {result['total_s']} s", flush=True)
+        del packed
+        save()
+    del hidden, spare
+    layer_fp16 = sum(p.numel() * 2 for p in layer.parameters())
+    K, I = args.hidden, args.intermediate
+    kv = args.kv_heads * (args.hidden // args.heads)
+    shapes = [(K, K), (kv, K), (kv, K), (K, K), (I, K), (I, K), (K, I)]
+    out_bytes = sum(gptq_v1_bytes(n, k, args.bits, args.group_size) for n, k in shapes) + 2 * 2 * K
+    write_gbps = disk_write_gbps(args.scratch)
+    hidden_fp32 = args.nsamples * args.seqlen * args.hidden * 4
+    doc["per_layer"], doc["projection"] = {}, {}
+    for mode in dict.fromkeys(modes):  # the last layer run in each mode (the first layer warms up)
+        idx = max(j for j, m in enumerate(modes) if m == mode)
+        last = doc["layers_run"][idx]
+        doc["per_layer"][mode] = {"seconds": last["seconds"], "total_s": last["total_s"],
+                                  "peak_gpu_allocated_gib": last.get("peak_gpu_allocated_gib"),
+                                  "fp16_bytes": layer_fp16, "gptq_bytes": out_bytes,
+                                  "layer_index": idx, "after_warm_up": idx > 0}
+        proj = projection(args, last["total_s"], write_gbps, layer_fp16, out_bytes, hidden_fp32)
+        proj["goal_s"] = 20 * 60
+        proj["meets_goal"] = proj["total_s"] <= 20 * 60
+        doc["projection"][mode] = proj
+    doc["wall_s"] = round(time.perf_counter() - wall, 1)
+    save()
+    print(json.dumps({"per_layer": doc["per_layer"], "projection": doc["projection"], "bnb_nf4": doc["bnb_nf4"]},
+                     indent=2))
+
+
+def check_pack(layer, packed: dict, spec: QuantSpec) -> dict:
+    """The copied packer against formats/gptq_v1.py (when importable) and the layer's own weights."""
+    result = {}
+    try:
+        from solar_quant.formats.gptq_v1 import dequantize
+    except ImportError as e:
+        result["gptq_v1_importable"] = False
+        result["why"] = str(e)
+        dequantize = None
+    name = full_name("q_proj")
+    if dequantize is not None:
+        W = dequantize(packed[name], spec.bits)
+        ref = layer.get_submodule(name).weight.detach().float().cpu()
+        result.update(gptq_v1_importable=True, q_proj_unpacked_equals_layer_weight=bool(
+            torch.allclose(W, ref, rtol=0, atol=float(ref.abs().max()) * 1e-3)))
+    return result
+
+
+if __name__ == "__main__":
+    main()
