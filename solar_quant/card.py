@@ -10,7 +10,7 @@ BNB_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4")
 
 def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license: str | None, variant: dict,
                 record: dict, fit_rows: list[dict], eval_rows: list[dict], eval_protocol: dict | None,
-                plot_name: str | None, folder_bytes: int) -> str:
+                plots: list[str], folder_bytes: int) -> str:
     """`variant` = {"name", "method", "options", "rope"}; `fit_rows`/`eval_rows` are plain dicts."""
     parts = [
         f"# {variant['name']}",
@@ -42,8 +42,9 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
     ]
     if eval_protocol:
         parts += ["Protocol: " + ", ".join(f"{k} = {v}" for k, v in eval_protocol.items()), ""]
-    if plot_name:
-        parts += [f"![perplexity and KL by position]({plot_name})", ""]
+    if plots:
+        parts += ["Long context, by position (baseline and this variant, with the run's other variants):", "",
+                  " ".join(f"![{name}]({name})" for name in plots), ""]
     parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", _serving(variant), "",
               "## Recipe", "", "```toml", recipe_text.strip(), "```", ""]
     calib = record.get("calibration")
@@ -51,7 +52,7 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
         parts += ["## Calibration set", "", "```json", json.dumps(calib, indent=2)[:6000], "```", ""]
     warnings = record.get("warnings") or []
     if warnings:
-        parts += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+        parts += ["## Warnings", ""] + [f"- {w['message'] if isinstance(w, dict) else w}" for w in warnings] + [""]
     return "\n".join(parts)
 
 

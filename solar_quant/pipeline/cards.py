@@ -40,30 +40,76 @@ def fit_rows(shape: LlamaShape, variant: Variant) -> list[dict]:
 
 
 def write_card(recipe: Recipe, recipe_path: Path, model_path: Path, v: VariantSection, folder: Path,
-               report: dict | None) -> Path:
+               report: dict | None, eval_dir: Path) -> Path:
     record = json.loads((folder / "solar_quant.json").read_text())
     cfg = json.loads((folder / "config.json").read_text())
     shape = LlamaShape.from_config(cfg)
-    rows, protocol, plot = [], None, None
+    rows, protocol, plots = [], None, []
     if report:
-        from solar_quant.evaluate.report import card_section
-
-        rows, protocol, plot_src = card_section(report, folder)
-        if plot_src and Path(plot_src).is_file():
-            plot = "long_context.png"
-            shutil.copyfile(plot_src, folder / plot)
+        rows, protocol, sources = card_section(report, folder, eval_dir)
+        for src in sources:
+            shutil.copyfile(src, folder / src.name)
+            plots.append(src.name)
     variant = {"name": v.name, "method": v.quantize.method, "options": v.quantize.model_dump(), "rope": read_rope(cfg),
-               "k_not_divisible": bool(record.get("group_size_warnings"))}
+               "k_not_divisible": any(w.get("kind") == "partial_groups" for w in record.get("warnings") or [])}
     text = render_card(recipe_name=recipe_path.name, recipe_text=recipe_path.read_text(),
                        model_name=recipe.model.name, license=recipe.model.license, variant=variant, record=record,
                        fit_rows=fit_rows(shape, variant_of(v.quantize)), eval_rows=rows, eval_protocol=protocol,
-                       plot_name=plot, folder_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()))
+                       plots=plots, folder_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()))
     (folder / "README.md").write_text(text)
     write_manifest(folder)
     return folder / "README.md"
 
 
-def eval_row_for(report: dict, folder: Path) -> dict:
-    from solar_quant.evaluate.report import summary_row
+def _entry(report: dict, folder: Path) -> dict | None:
+    for m in report.get("models", []):
+        if Path(m.get("path", "")).resolve() == Path(folder).resolve():
+            return m
+    return None
 
-    return summary_row(report, folder)
+
+def eval_row_for(report: dict, folder: Path) -> dict:
+    """The summary-table numbers of one variant: short-context ppl, ratio, KL, top-1, and each long context."""
+    m = _entry(report, folder)
+    if m is None:
+        return {}
+    s = m["short"]
+    row = {"ppl": s.get("ppl"), "ppl_ratio": s.get("ppl_ratio"), "kl_mean": s.get("kl_mean"), "top1": s.get("top1")}
+    for c, sec in (m.get("long") or {}).items():
+        row[f"ratio@{c}"] = sec["overall"].get("ppl_ratio")
+    failed = [g["check"] for g in report.get("gates", {}).get("results", []) if g["model"] == m["name"] and not g["passed"]]
+    row["gates"] = "FAIL: " + ", ".join(failed) if failed else "pass"
+    return row
+
+
+def card_section(report: dict, folder: Path, eval_dir: Path) -> tuple[list[dict], dict, list[Path]]:
+    """(rows for the card's quality table, protocol line, the long-context plots)."""
+    base = next(m for m in report["models"] if m["role"] == "baseline")
+    mine = _entry(report, folder)
+    rows = []
+    for m in (base, mine):
+        if m is None:
+            continue
+        s = m["short"]
+        rows.append({"model": "fp16 baseline" if m is base else m["name"], "section": "short", "ppl": s.get("ppl"),
+                     "ppl ratio": s.get("ppl_ratio"), "KL mean": s.get("kl_mean"), "KL p99": s.get("kl_p99"),
+                     "top-1": s.get("top1")})
+        for c, sec in (m.get("long") or {}).items():
+            o = sec["overall"]
+            rows.append({"model": "fp16 baseline" if m is base else m["name"], "section": f"context {c}",
+                         "ppl": o.get("ppl"), "ppl ratio": o.get("ppl_ratio"), "KL mean": o.get("kl_mean"),
+                         "KL p99": o.get("kl_p99"), "top-1": o.get("top1")})
+        for c, depths in (m.get("passkey") or {}).items():
+            rows.append({"model": "fp16 baseline" if m is base else m["name"], "section": f"passkey {c}",
+                         "ppl": None, "ppl ratio": None, "KL mean": None, "KL p99": None,
+                         "top-1": ", ".join(f"depth {d}: {v['accuracy']:.2f}" for d, v in depths.items())})
+    p = report["protocol"]
+    short = p["sections"]["short"]
+    protocol = {"text": f"{p['text']['source']} (sha256 {p['text']['sha256'][:16]}…, {p['tokens']} tokens)",
+                "seqlen": short["seqlen"], "stride": short["stride"], "scored tokens": short["scored_tokens"],
+                "KL": f"{p['kl']['method']} k={p['kl']['k']}", "rope override": p.get("rope_override") or "none",
+                "trained length": p.get("trained_length") or "as configured", "dtype": p["dtype"],
+                "device": p["device"]}
+    contexts = [str(sec["context"]) for name, sec in p["sections"].items() if name != "short"]
+    plots = [eval_dir / f"{kind}_by_position_c{contexts[-1]}.png" for kind in ("ppl", "kl")] if contexts else []
+    return rows, protocol, [p for p in plots if p.is_file()]

@@ -134,7 +134,7 @@ def _write_cards(recipe: Recipe, recipe_path: Path, model_path: Path, result: Ru
     from solar_quant.pipeline.cards import write_card
 
     for v in recipe.variants:
-        write_card(recipe, recipe_path, model_path, v, result.variants[v.name], result.report)
+        write_card(recipe, recipe_path, model_path, v, result.variants[v.name], result.report, result.out / "eval")
 
 
 def _summary(result: RunResult) -> list[dict]:
