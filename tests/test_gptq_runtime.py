@@ -5,7 +5,7 @@ own `gptq_v1.dequantize` of the same tensors.
 Tolerance: max |logit difference| ≤ 2e-3 × max |reference logit| with the client in fp32 through
 GPTQModel's `TorchLinear` (gptq_torch: it dequantizes the same integers and fp16 scales; what is
 left is summation order), 1e-2 through its default CPU 4-bit kernel `TorchAtenLinear`, which
-repacks scales and zeros in bfloat16 for `_weight_int4pack_mm` (measured 4.7e-3 on SmolLM2 g64). A
+runs `_weight_int4pack_mm_for_cpu` with bfloat16 scales and activations (measured 4.7e-3, g64). A
 misread layout (bit order, zero offset, group index) moves logits by tens of percent. The
 calibration set is 8 × 128 tokens of standard-library docstrings; the held-out text is other
 modules' docstrings (128 tokens)."""
