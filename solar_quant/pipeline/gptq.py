@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 from pathlib import Path
 
 import torch
@@ -66,21 +65,21 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
     _check_output(reader, out)
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
     job = _open_job(staged, spec, resume, log)  # outside the try: a refused --resume keeps the job
-    with _sigterm_raises():
-        try:
-            _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, log)
-            return staged.commit(exclude=(JOB_DIR,))
-        except (InputError, NumericsError):
+    # The CLI turns SIGTERM into KeyboardInterrupt (solar_quant.signals), so both land below.
+    try:
+        _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, log)
+        return staged.commit(exclude=(JOB_DIR,))
+    except (InputError, NumericsError):
+        staged.abandon()
+        raise
+    except OutputError as e:  # e.g. disk full: keep a saved job to resume once there is room
+        if not (job.dir / JOB_FILE).is_file():
             staged.abandon()
             raise
-        except OutputError as e:  # e.g. disk full: keep a saved job to resume once there is room
-            if not (job.dir / JOB_FILE).is_file():
-                staged.abandon()
-                raise
-            raise OutputError(f"{e}; then rerun the same command with --resume to continue from layer "
-                              f"{job.layers_done}") from None
-        except (KeyboardInterrupt, Interrupted):
-            raise _interrupted(staged, job, shape) from None
+        raise OutputError(f"{e}; then rerun the same command with --resume to continue from layer "
+                          f"{job.layers_done}") from None
+    except (KeyboardInterrupt, Interrupted):
+        raise _interrupted(staged, job, shape) from None
 
 
 def _interrupted(staged: StagedFolder, job: Job, shape: LlamaShape) -> Interrupted:
@@ -161,23 +160,6 @@ def _open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
     job.check_matches(spec)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
     return job
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """Turn SIGTERM into `Interrupted` (SIGINT already raises KeyboardInterrupt), so the job is kept."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted("terminated")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # -- the run ------------------------------------------------------------------------------
