@@ -21,7 +21,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/solar-quant inspect "$$($(BIN)/solar-quant demo-model)"
-	$(BIN)/solar-quant plan --preset solar-0-70b --gpus 2x80GB --context 10240
+	$(BIN)/solar-quant run recipes/demo-smollm2.toml --out out/demo-smollm2 --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
