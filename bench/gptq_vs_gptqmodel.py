@@ -61,8 +61,9 @@ def parse_reps(text: str) -> dict[str, int]:
     return out
 
 
-def schedule(reps: dict[str, int]) -> list[dict]:
-    """Every run in execution order: A B A B ... per config, then the RTN floors and bnb-nf4."""
+def schedule(reps: dict[str, int], one_thread: list[str] = ()) -> list[dict]:
+    """Every run in execution order: A B A B ... per config, then the RTN floors and bnb-nf4, then
+    diagnostic runs of ours with one intra-op thread (OMP_NUM_THREADS=1) for the configs named."""
     runs = []
     for name, n in reps.items():
         for rep in range(1, n + 1):
@@ -71,6 +72,9 @@ def schedule(reps: dict[str, int]) -> list[dict]:
     for bits in sorted({CONFIGS[n][0] for n in reps}, reverse=True):
         runs.append({"id": f"rtn-{bits}b-g128", "config": f"rtn-{bits}b-g128", "impl": "ours-rtn", "rep": 1})
     runs.append({"id": "bnb-nf4", "config": "bnb-nf4", "impl": "ours-bnb", "rep": 1})
+    for name in one_thread:
+        runs.append({"id": f"{name}-ours-1thread", "config": name, "impl": "ours", "rep": 0,
+                     "env": {"OMP_NUM_THREADS": "1"}})
     return runs
 
 
@@ -127,7 +131,7 @@ def step_calibrate(args, doc) -> None:
 
 def step_quantize(args, doc, save) -> None:
     runs = doc.setdefault("runs", {})
-    for run in schedule(args.reps):
+    for run in schedule(args.reps, args.one_thread):
         if run["id"] in runs:
             continue
         quiet = benchlib.wait_for_quiet(args.quiet_load, args.max_wait, log=lambda m: print(m, flush=True))
@@ -135,7 +139,7 @@ def step_quantize(args, doc, save) -> None:
         shutil.rmtree(out, ignore_errors=True)
         cmd = command(run, args.model, args.work / "calib", out)
         print(f"{dt.datetime.now():%H:%M:%S} {run['id']}: {' '.join(cmd[1:])}", flush=True)
-        result = benchlib.measure(cmd, args.work / f"{run['id']}.log")
+        result = benchlib.measure(cmd, args.work / f"{run['id']}.log", env=benchlib.child_env(**run.get("env", {})))
         log_text = (args.work / f"{run['id']}.log").read_text(errors="replace")
         timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines() if line.startswith("GPTQMODEL_TIMING ")]
         runs[run["id"]] = {**run, "command": " ".join(["python", *cmd[1:]]), **result, "waited_for_quiet": quiet,
@@ -361,6 +365,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--reps", type=parse_reps, default=parse_reps("4b-g128=3,4b-g128-act=1,3b-g128=1"))
+    ap.add_argument("--one-thread", nargs="*", default=["4b-g128"],
+                    help="configs also run (once, after the pairs) as ours with OMP_NUM_THREADS=1, a diagnostic")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--quiet-load", type=float, default=2.5)
