@@ -16,8 +16,11 @@ Steps (each resumable: finished runs are kept in the JSON and skipped):
    average to fall to --quiet-load.
 3. eval: `solar_quant.evaluate.run.evaluate` per output against the fp16 folder, one baseline cache:
    bundled held-out text, windows of --eval-seqlen tokens, stride = seqlen, the first --max-tokens
-   tokens, fp32 on CPU, KL from the baseline's top-64 log-probs + the rest mass. Outputs with
-   byte-identical tensors reuse the first one's scores.
+   tokens, fp32 on CPU, KL from the baseline's top-64 log-probs + the rest mass. Each variant is
+   scored through a dense fp32 copy of the weights its runtime multiplies by (`densify`): the
+   quantized CPU kernels take ~2 min per 512-token window here. Outputs with byte-identical
+   tensors reuse the first one's scores. runtime-check: for a few runs, dense and real-kernel
+   scores on the first --runtime-check-tokens tokens, side by side.
 4. report: ours/theirs ratios (min / median / max over the pairs) of wall time, peak RSS, output
    bytes, perplexity and mean KL; issue 5's bars (GPTQ's perplexity excess over fp16 vs RTN's).
 """
@@ -58,8 +61,9 @@ def parse_reps(text: str) -> dict[str, int]:
     return out
 
 
-def schedule(reps: dict[str, int]) -> list[dict]:
-    """Every run in execution order: A B A B ... per config, then the RTN floors and bnb-nf4."""
+def schedule(reps: dict[str, int], one_thread: list[str] = ()) -> list[dict]:
+    """Every run in execution order: A B A B ... per config, then the RTN floors and bnb-nf4, then
+    diagnostic runs of ours with one intra-op thread (OMP_NUM_THREADS=1) for the configs named."""
     runs = []
     for name, n in reps.items():
         for rep in range(1, n + 1):
@@ -68,6 +72,9 @@ def schedule(reps: dict[str, int]) -> list[dict]:
     for bits in sorted({CONFIGS[n][0] for n in reps}, reverse=True):
         runs.append({"id": f"rtn-{bits}b-g128", "config": f"rtn-{bits}b-g128", "impl": "ours-rtn", "rep": 1})
     runs.append({"id": "bnb-nf4", "config": "bnb-nf4", "impl": "ours-bnb", "rep": 1})
+    for name in one_thread:
+        runs.append({"id": f"{name}-ours-1thread", "config": name, "impl": "ours", "rep": 0,
+                     "env": {"OMP_NUM_THREADS": "1"}})
     return runs
 
 
@@ -124,7 +131,7 @@ def step_calibrate(args, doc) -> None:
 
 def step_quantize(args, doc, save) -> None:
     runs = doc.setdefault("runs", {})
-    for run in schedule(args.reps):
+    for run in schedule(args.reps, args.one_thread):
         if run["id"] in runs:
             continue
         quiet = benchlib.wait_for_quiet(args.quiet_load, args.max_wait, log=lambda m: print(m, flush=True))
@@ -132,7 +139,7 @@ def step_quantize(args, doc, save) -> None:
         shutil.rmtree(out, ignore_errors=True)
         cmd = command(run, args.model, args.work / "calib", out)
         print(f"{dt.datetime.now():%H:%M:%S} {run['id']}: {' '.join(cmd[1:])}", flush=True)
-        result = benchlib.measure(cmd, args.work / f"{run['id']}.log")
+        result = benchlib.measure(cmd, args.work / f"{run['id']}.log", env=benchlib.child_env(**run.get("env", {})))
         log_text = (args.work / f"{run['id']}.log").read_text(errors="replace")
         timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines() if line.startswith("GPTQMODEL_TIMING ")]
         runs[run["id"]] = {**run, "command": " ".join(["python", *cmd[1:]]), **result, "waited_for_quiet": quiet,
@@ -149,13 +156,81 @@ def _checkpoint_format(out: Path):
     return cfg.get("checkpoint_format") or cfg.get("format") or cfg.get("quant_method")
 
 
-def step_eval(args, doc, save) -> None:
+def densify(folder: Path, model: str, out: Path) -> Path:
+    """A dense fp32 copy of a GPTQ v1 or bitsandbytes folder: every quantized Linear replaced by the
+    weight its runtime multiplies by (GPTQ: `formats.gptq_v1.dequantize`, W = scale * (q - zero);
+    bnb: bitsandbytes' own dequantize), everything else as stored; the source model's config and
+    tokenizer. Scoring it is scoring the variant without the (on CPU, slow) quantized kernels."""
+    import torch
+    from safetensors.torch import save_file
+
+    from solar_quant.checkpoint.reader import CheckpointReader
+    from solar_quant.formats import bnb as bnb_fmt
+    from solar_quant.formats.gptq_v1 import dequantize
+
+    reader = CheckpointReader(folder)
+    qcfg = reader.config.get("quantization_config") or {}
+    names = list(reader.tensors)
+    tensors = {}
+    if qcfg.get("quant_method") == "gptq":
+        modules = sorted({n.removesuffix(".qweight") for n in names if n.endswith(".qweight")})
+        for m in modules:
+            parts = {k: reader.get(f"{m}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+            tensors[f"{m}.weight"] = dequantize(parts, int(qcfg["bits"])).contiguous()
+        done = {f"{m}.{k}" for m in modules for k in ("qweight", "qzeros", "scales", "g_idx")}
+    else:
+        all_t = {n: reader.get(n) for n in names}
+        modules = sorted({bnb_fmt.module_name(n) for n in names if n.endswith(".weight") and
+                          (f"{bnb_fmt.module_name(n)}.SCB" in all_t or f"{n}.absmax" in all_t)})
+        done = set()
+        for m in modules:
+            parts = bnb_fmt.linear_parts(m, all_t)
+            tensors[f"{m}.weight"] = bnb_fmt.dequantize_linear(parts).contiguous()
+            done |= {f"{m}.{k}" for k in parts}
+    for n in names:
+        if n not in done:
+            tensors[n] = reader.get(n).to(torch.float32).contiguous()
+    reader_close = getattr(reader, "close", None)
+    if reader_close:
+        reader_close()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    src = Path(model)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    return out
+
+
+def eval_options(args, max_tokens: int | None = None):
     from solar_quant.calibration.bundled import default_eval_text
-    from solar_quant.evaluate.run import evaluate
     from solar_quant.options import EvalOptions
 
-    opts = EvalOptions(text=str(default_eval_text()), seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
+    return EvalOptions(text=str(default_eval_text()), seqlen=args.eval_seqlen, max_tokens=max_tokens or args.max_tokens,
                        passkey_trials=0, device="cpu", cache_dir=str(args.work / "baseline-cache"))
+
+
+def score(args, doc, folder: Path, label: str, opts) -> dict:
+    from solar_quant.evaluate.run import evaluate
+
+    report = evaluate(args.model, [str(folder)], opts, str(args.work / "eval" / label), log=lambda m: None,
+                      show=lambda m: None)
+    base, var = report["models"][0]["short"], report["models"][1]["short"]
+    doc["eval_protocol"] = {k: report["protocol"][k] for k in ("text", "tokens", "sections", "kl", "dtype", "device")}
+    doc.setdefault("fp16_by_max_tokens", {})[str(opts.max_tokens)] = {"ppl": base["ppl"], "tokens": base["tokens"]}
+    return {"ppl": var["ppl"], "ppl_ratio": var["ppl_ratio"], "kl_mean": var["kl_mean"], "kl_p99": var["kl_p99"],
+            "top1": var["top1"], "tokens": var["tokens"], "eval_s": report["models"][1].get("eval_s"),
+            "notes": report["models"][1].get("notes")}
+
+
+def step_eval(args, doc, save) -> None:
+    opts = eval_options(args)
     scores = doc.setdefault("scores", {})
     for rid, run in doc.get("runs", {}).items():
         if rid in scores:
@@ -166,17 +241,35 @@ def step_eval(args, doc, save) -> None:
         if same is not None:
             scores[rid] = {**scores[same], "identical_to": same}
         else:
-            report = evaluate(args.model, [str(out)], opts, str(args.work / "eval" / rid),
-                              log=lambda m: None, show=lambda m: None)
-            base, var = report["models"][0]["short"], report["models"][1]["short"]
-            doc["eval_protocol"] = {k: report["protocol"][k] for k in ("text", "tokens", "sections", "kl", "dtype", "device")}
-            doc["fp16"] = {"ppl": base["ppl"], "nll": base["nll"], "tokens": base["tokens"]}
-            scores[rid] = {"ppl": var["ppl"], "ppl_ratio": var["ppl_ratio"], "kl_mean": var["kl_mean"],
-                           "kl_p99": var["kl_p99"], "top1": var["top1"], "tokens": var["tokens"],
-                           "notes": report["models"][1].get("notes")}
+            dense = densify(out, args.model, args.work / "dense" / rid)
+            scores[rid] = {**score(args, doc, dense, rid, opts), "scored_as": "dense fp32 dequantized weights"}
+            shutil.rmtree(dense, ignore_errors=True)
         scores[rid]["tensors_sha256"] = sha
+        doc["fp16"] = doc["fp16_by_max_tokens"][str(opts.max_tokens)]
         print(f"{rid}: ppl {scores[rid]['ppl']:.4f} KL {scores[rid]['kl_mean']:.5f}"
               + (f" (identical tensors to {same})" if same else ""), flush=True)
+        save()
+
+
+def step_runtime_check(args, doc, save) -> None:
+    """On a few windows, the dequantized dense copy against the real runtime kernels (transformers +
+    GPTQModel's gptq_torch / bitsandbytes on CPU): the dense scores must agree."""
+    opts = eval_options(args, args.runtime_check_tokens)
+    checks = doc.setdefault("runtime_check", {})
+    for rid in args.runtime_check:
+        run = doc.get("runs", {}).get(rid)
+        if run is None or rid in checks:
+            continue
+        out = Path(run["output"])
+        dense = densify(out, args.model, args.work / "dense" / rid)
+        d = score(args, doc, dense, f"{rid}-dense-check", opts)
+        shutil.rmtree(dense, ignore_errors=True)
+        r = score(args, doc, out, f"{rid}-runtime-check", opts)
+        checks[rid] = {"max_tokens": opts.max_tokens, "dense": d, "runtime": r,
+                       "ppl_rel_diff": abs(d["ppl"] - r["ppl"]) / r["ppl"],
+                       "kl_abs_diff": abs(d["kl_mean"] - r["kl_mean"])}
+        print(f"runtime check {rid}: dense ppl {d['ppl']:.4f} KL {d['kl_mean']:.5f} vs runtime ppl {r['ppl']:.4f} "
+              f"KL {r['kl_mean']:.5f} ({r['eval_s']:.0f} s vs {d['eval_s']:.0f} s)", flush=True)
         save()
 
 
@@ -272,11 +365,16 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--reps", type=parse_reps, default=parse_reps("4b-g128=3,4b-g128-act=1,3b-g128=1"))
+    ap.add_argument("--one-thread", nargs="*", default=["4b-g128"],
+                    help="configs also run (once, after the pairs) as ours with OMP_NUM_THREADS=1, a diagnostic")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--quiet-load", type=float, default=2.5)
     ap.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine before each run")
-    ap.add_argument("--steps", default="calibrate,quantize,eval,report")
+    ap.add_argument("--steps", default="calibrate,quantize,eval,runtime-check,report")
+    ap.add_argument("--runtime-check", nargs="*", default=["4b-g128-ours-1", "4b-g128-theirs-1", "bnb-nf4"],
+                    help="runs whose dense scores are checked against the real runtime kernels")
+    ap.add_argument("--runtime-check-tokens", type=int, default=1024)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     doc = load_doc(args.out)
@@ -292,7 +390,9 @@ def main() -> None:
                      "ids, batch_size=1, calibration_sort=None), save(); GPTQMODEL_CPU_WORKERS=2",
         "ours": "python -m solar_quant quantize M OUT --method gptq --calibration WORK/calib (fp32 compute on CPU)",
         "measurement": "fresh child process per run; wall = parent monotonic clock; peak RSS = os.wait4 ru_maxrss",
-        "eval": {"text": "solar_quant.calibration.bundled.default_eval_text()", "seqlen": args.eval_seqlen,
+        "eval": {"scored_as": "dense fp32 copy of the dequantized weights (densify); checked against the real "
+                              "kernels on the first --runtime-check-tokens tokens (runtime_check)",
+                 "text": "solar_quant.calibration.bundled.default_eval_text()", "seqlen": args.eval_seqlen,
                  "stride": args.eval_seqlen, "max_tokens": args.max_tokens, "dtype": "float32", "device": "cpu",
                  "kl": "mean KL(fp16 || variant) per token, baseline top-64 log-probs + rest mass"},
         "quiet_load": args.quiet_load,
@@ -311,6 +411,8 @@ def main() -> None:
         step_quantize(args, doc, save)
     if "eval" in steps:
         step_eval(args, doc, save)
+    if "runtime-check" in steps:
+        step_runtime_check(args, doc, save)
     if "report" in steps:
         step_report(args, doc)
         save()

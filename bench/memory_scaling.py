@@ -20,6 +20,7 @@ Plus the import floor: a child that only imports torch, transformers and our pip
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -56,10 +57,10 @@ def write_source(work: Path, layers: int, shape: dict) -> Path:
 def runs(src: Path, out: Path, calib: Path) -> dict[str, list[str]]:
     py = benchlib.PYTHON
     return {
-        "ours_gptq": [py, "-m", "solar_quant", "quantize", str(src), str(out / "gptq"), "--method", "gptq", "--bits", "4",
-                      "--group-size", "128", "--calibration", str(calib)],
         "ours_bnb_nf4": [py, "-m", "solar_quant", "quantize", str(src), str(out / "bnb"), "--method", "bnb-nf4"],
         "transformers_bnb_nf4": [py, "-c", TRANSFORMERS_BNB, str(src), str(out / "tf-bnb")],
+        "ours_gptq": [py, "-m", "solar_quant", "quantize", str(src), str(out / "gptq"), "--method", "gptq", "--bits", "4",
+                      "--group-size", "128", "--calibration", str(calib)],
     }
 
 
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sqbench/memscale"))
     ap.add_argument("--out", type=Path, default=benchlib.ROOT / "bench" / "results" / "memory_scaling.json")
+    ap.add_argument("--resume", action="store_true", help="skip depths already in --out")
     ap.add_argument("--plot", type=Path, default=benchlib.ROOT / "bench" / "results" / "memory_scaling.png")
     args = ap.parse_args()
     shape = {**SHAPE, "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
@@ -88,8 +90,12 @@ def main() -> None:
            "machine": benchlib.machine(), "versions": benchlib.versions(), "commit": benchlib.git_commit(),
            "command": "PYTHONPATH=. python " + " ".join(["bench/memory_scaling.py", *sys.argv[1:]]), "rows": []}
     doc["import_floor"] = benchlib.measure([benchlib.PYTHON, "-c", FLOOR])
+    if args.resume and args.out.is_file():  # keep depths finished by an earlier (interrupted) run
+        doc["rows"] = [r for r in json.loads(args.out.read_text()).get("rows", []) if r["layers"] in args.layers]
     calib = args.work / "calib"
     for layers in args.layers:
+        if any(r["layers"] == layers for r in doc["rows"]):
+            continue
         src = write_source(args.work, layers, shape)
         if not (calib / "calibration.safetensors").is_file():
             benchlib.measure([benchlib.PYTHON, "-m", "solar_quant", "calibrate", "--model", str(src), "--out", str(calib),

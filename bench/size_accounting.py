@@ -98,7 +98,7 @@ def main() -> None:
     shape = LlamaShape.from_config(CheckpointReader(args.model).config)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.formats.split(","):
+    for name in [n for n in args.formats.split(",") if n]:
         variant = Variant.parse(name)
         out = args.work / variant.name
         shutil.rmtree(out, ignore_errors=True)
