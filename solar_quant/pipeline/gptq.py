@@ -64,7 +64,14 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
 
     _check_output(reader, out)
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
-    job = _open_job(staged, spec, resume, log)  # outside the try: a refused --resume keeps the job
+    try:
+        job = _open_job(staged, spec, resume, log)  # outside the try below: a refused --resume keeps the job
+    except KeyboardInterrupt:
+        if (staged.staging / JOB_DIR / JOB_FILE).is_file():
+            raise Interrupted(f"interrupted; the job is kept in {staged.staging}: rerun the same command with "
+                              "--resume to continue") from None
+        staged.abandon()
+        raise
     # The CLI turns SIGTERM into KeyboardInterrupt (solar_quant.signals), so both land below.
     try:
         _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, log)
