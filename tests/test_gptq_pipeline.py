@@ -316,10 +316,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,hidden,intermediate", [("rtn", 1024, 2816), ("gptq", 512, 1024)])
+@pytest.mark.parametrize("method,hidden,intermediate", [("gptq", 512, 1024)])
 def test_peak_memory_does_not_grow_with_depth(tmp_path, method, hidden, intermediate):
-    """Layers of 44 MB (rtn, hidden 1024) or 10 MB (gptq, hidden 512) of fp32 weights: holding 16
-    layers instead of 4 would add 0.5 GB or 0.12 GB to a process of ~0.45 GB, > 15 %."""
+    """Layers of 10 MB of fp32 weights (hidden 512): holding 16 layers instead of 4 would add
+    0.12 GB to a process of ~0.45 GB, > 15 %. (The RTN path streams the same way; its case at
+    hidden 1024 is left out of the suite for time: bench/memory_scaling.py measures it.)"""
     from solar_quant.models.synthetic import llama_config, write_random_llama
 
     env = {**os.environ, **QUIET, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
