@@ -39,7 +39,7 @@ def text_ids(model_path: Path, modules=CALIB_MODULES) -> torch.Tensor:
 def text_calibration(model_path: Path, nsamples: int, seqlen: int):
     """`nsamples` consecutive windows of `seqlen` tokens of the calibration text."""
     from solar_quant.calibration.artifact import CalibrationSet
-    from solar_quant.pipeline.gptq import tokenizer_identity
+    from solar_quant.calibration.artifact import tokenizer_identity
 
     ids = text_ids(model_path)[: nsamples * seqlen].reshape(nsamples, seqlen)
     return CalibrationSet(ids, {"tokenizer": tokenizer_identity(model_path), "source": "stdlib docstrings"})
@@ -47,7 +47,7 @@ def text_calibration(model_path: Path, nsamples: int, seqlen: int):
 
 def random_calibration(nsamples: int, seqlen: int, vocab: int, model_path: Path | None = None, seed: int = 0):
     from solar_quant.calibration.artifact import CalibrationSet
-    from solar_quant.pipeline.gptq import tokenizer_identity
+    from solar_quant.calibration.artifact import tokenizer_identity
 
     ids = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
     card = {"tokenizer": tokenizer_identity(model_path)} if model_path is not None else {}
