@@ -28,4 +28,11 @@ def main() -> None:
     install()  # SIGTERM stops a command the way Ctrl-C does: cleanup runs, resumable jobs are kept
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    app()
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:  # a signal that lands outside a command body (parsing, or while exiting)
+        from solar_quant.cli.errors import report
+        from solar_quant.signals import EXIT_CODE, interrupt_message
+
+        report(interrupt_message())
+        raise SystemExit(EXIT_CODE) from None
