@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import typer
 
@@ -28,11 +29,17 @@ def main() -> None:
     install()  # SIGTERM stops a command the way Ctrl-C does: cleanup runs, resumable jobs are kept
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from solar_quant.signals import EXIT_CODE, STOP_SIGNALS, interrupt_message
+
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:  # a signal that lands outside a command body (parsing, or while exiting)
         from solar_quant.cli.errors import report
-        from solar_quant.signals import EXIT_CODE, interrupt_message
 
         report(interrupt_message())
         raise SystemExit(EXIT_CODE) from None
+    finally:
+        # The command is over and its exit code decided: a signal during interpreter shutdown
+        # must not turn that into death by signal.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
