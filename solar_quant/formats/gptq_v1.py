@@ -15,13 +15,16 @@ For a Linear with K inputs, N outputs, b bits and ceil(K/G) groups:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from solar_quant import TOOL_NAME, __version__
 from solar_quant.methods.gptq import QuantizedWeight
-from solar_quant.options import GptqOptions
+
+if TYPE_CHECKING:  # options import pydantic; the packing needs torch alone (bench/gpu_layer_70b.py)
+    from solar_quant.options import GptqOptions
 
 WORD_BITS = 32
 _U32 = (1 << WORD_BITS) - 1

@@ -17,7 +17,8 @@ from torch import Tensor
 from solar_quant.errors import NumericsError
 from solar_quant.methods.grid import QuantSpec, dequantize, group_params, quantize
 
-__all__ = ["QuantSpec", "QuantizedWeight", "accumulate_hessian", "gptq_quantize", "assemble"]
+__all__ = ["QuantSpec", "QuantizedWeight", "accumulate_hessian", "gptq_quantize", "gptq_quantize_shared", "assemble",
+           "split_rows"]
 
 MAX_DAMP = 1.0  # the largest fraction of mean(diag(H)) the automatic retry may reach
 DAMP_GROWTH = 10.0
@@ -41,9 +42,12 @@ class QuantizedWeight:
 def accumulate_hessian(H: Tensor | None, count: int, X: Tensor) -> tuple[Tensor, int]:
     """Fold the activations `X` [..., K] into the running Hessian `H = 2/n * sum x x^T`.
 
-    `count` is the number of rows (tokens) already in `H`. H is updated in place when given
-    (a 70B down_proj Hessian is 3.3 GB) and returned with the new count; float32 throughout."""
-    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
+    `count` is the number of rows (tokens) already in `H`. H is float32, updated in place when
+    given (a 70B down_proj Hessian is 3.3 GB) and returned with the new count. fp16/bf16 inputs
+    on a GPU are multiplied on tensor cores with float32 accumulation and output (the inputs
+    are exact there; only the summation order differs from a float32 product, ~2e-5 relative
+    at the 70B's shapes: bench/README.md), everything else in float32."""
+    X = X.reshape(-1, X.shape[-1])
     rows = X.shape[0]
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
@@ -51,9 +55,23 @@ def accumulate_hessian(H: Tensor | None, count: int, X: Tensor) -> tuple[Tensor,
         return H, count
     total = count + rows
     H.mul_(count / total)
-    X = X * (2.0 / total) ** 0.5
+    XtX = _half_gram(X)
+    if XtX is not None:
+        H.add_(XtX, alpha=2.0 / total)
+        return H, total
+    X = X.to(torch.float32) * (2.0 / total) ** 0.5
     H.addmm_(X.t(), X)
     return H, total
+
+
+def _half_gram(X: Tensor) -> Tensor | None:
+    """XᵀX in float32 from half-precision CUDA inputs, or None where that kernel is missing."""
+    if X.device.type != "cuda" or X.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        return torch.mm(X.t(), X, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=...) for this device
+        return None
 
 
 def assemble(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, **extra) -> QuantizedWeight:
@@ -104,7 +122,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
 
     if spec.group_size != -1 and groups is None:
         blocksize = max(G, blocksize // G * G)
-    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)  # dequantized values; the codes are read back from them per group below
     Losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
     n_groups = spec.n_groups(columns)
     scales = torch.zeros(n_groups, rows, dtype=torch.float32, device=W.device)
@@ -113,6 +131,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
         scale, zero = group_params(W, spec)
         scales[0], zeros[0] = scale, zero
 
+    static_column = perm.tolist() if (groups is not None and perm is not None) else None
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
@@ -120,31 +139,29 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
 
+        # The column loop is thousands of small ops (on a GPU, bound by launches): every
+        # statement below is one kernel; the losses are summed per block from Err1.
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
 
             if spec.group_size != -1:
                 if groups is not None:
-                    column = i1 + i if perm is None else int(perm[i1 + i])
+                    column = i1 + i if static_column is None else static_column[i1 + i]
                     scale, zero = groups[column // G]
                 elif (i1 + i) % G == 0:
                     scale, zero = group_params(W1[:, i:i + G], spec)
                     scales[(i1 + i) // G], zeros[(i1 + i) // G] = scale, zero
 
-            q = quantize(w.unsqueeze(1), scale.unsqueeze(1), zero.unsqueeze(1), maxq).flatten()
-            codes[:, i1 + i] = q
-            Q1[:, i] = dequantize(q, scale, zero)
-            Losses1[:, i] = (w - Q1[:, i]) ** 2 / d**2 / 2
+            q = quantize(w, scale, zero, maxq)
+            torch.mul(q - zero, scale, out=Q1[:, i])  # dequantize(q, scale, zero), written in place
+            err1 = torch.div(w - Q1[:, i], d, out=Err1[:, i])
+            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
 
-            err1 = (w - Q1[:, i]) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-
-        Losses += torch.sum(Losses1, 1)
+        Q[:, i1:i2] = Q1
+        Losses += torch.sum(Err1 * Err1, 1) / 2  # (w - q)^2 / d^2 / 2 per column
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
     if groups is not None:
@@ -152,10 +169,46 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
             scales[j], zeros[j] = scale, zero
     g_idx = _group_index(columns, G, perm, static=groups is not None, device=W.device)
     if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+        Q = Q[:, torch.argsort(perm)]
+    codes = _codes_of(Q, scales, zeros, g_idx)
     stats = {"loss": float(Losses.sum()), "cholesky_retries": retries, "dead_columns": int(dead.sum()),
-             "damp_used": damp_used}
+             "damp_used": damp_used, "row_losses": Losses}
     return assemble(codes, scales, zeros, g_idx, damp_used=damp_used, stats=stats)
+
+
+def gptq_quantize_shared(weights: list[Tensor], H: Tensor, spec: QuantSpec, **kwargs) -> list[QuantizedWeight]:
+    """`gptq_quantize` for several weights that read the same inputs (q/k/v; gate/up), hence share `H`.
+
+    GPTQ treats every output row on its own given `H^-1` (and act-order's permutation depends
+    on `H` alone), so the rows are stacked and solved in one pass: one damped inverse and one
+    column loop instead of one per weight, with the same result for each row."""
+    if len(weights) == 1:
+        return [gptq_quantize(weights[0], H, spec, **kwargs)]
+    fused = gptq_quantize(torch.cat([W.to(torch.float32) for W in weights]), H, spec, **kwargs)
+    return split_rows(fused, [W.shape[0] for W in weights])
+
+
+def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """The row blocks of a quantized stacked weight, each with its own loss."""
+    parts, start = [], 0
+    row_losses = q.stats.get("row_losses")
+    for n in sizes:
+        rows = slice(start, start + n)
+        stats = {k: v for k, v in q.stats.items() if k != "row_losses"}
+        if row_losses is not None:
+            stats["loss"] = float(row_losses[rows].sum())
+        parts.append(QuantizedWeight(intweight=q.intweight[rows], scales=q.scales[:, rows], zeros=q.zeros[:, rows],
+                                     g_idx=q.g_idx, dequant=q.dequant[rows], damp_used=q.damp_used, stats=stats))
+        start += n
+    return parts
+
+
+def _codes_of(Q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """The codes behind dequantized values Q = scale * (q - zero). Exact: q - zero is a small
+    integer and the scale a float16 value, so their float32 product and its quotient carry no
+    rounding."""
+    g = g_idx.long()
+    return torch.round(Q / scales[g].t()) + zeros[g].t()
 
 
 def _group_index(columns: int, G: int, perm: Tensor | None, *, static: bool, device: torch.device) -> Tensor:

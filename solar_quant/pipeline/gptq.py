@@ -4,7 +4,8 @@ GPTQ v1 folder, resumable after a kill.
 For each layer: load its tensors into transformers' `LlamaDecoderLayer`; for each group of
 linears in true-sequential order (q/k/v, o, gate/up, down) run the calibration activations
 through the layer with hooks that fold the group's inputs into its Hessian (stopping each
-chunk once those inputs are seen), quantize the group with `gptq_quantize` and write the
+chunk once those inputs are seen), quantize the group with `gptq_quantize_shared` (its linears share one Hessian, one pass) and
+write the
 dequantized weights back, so later groups see the quantized earlier ones; then run the
 quantized layer to get the next layer's inputs, pack and write its tensors, and free it.
 Memory holds one layer, two copies of the calibration activations and one Hessian at a time.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -98,7 +100,7 @@ def _interrupted(staged: StagedFolder, job: Job, shape: LlamaShape) -> Interrupt
         staged.abandon()
         return Interrupted(f"interrupted before the first layer was saved; nothing was left under {staged.final}; "
                            "rerun the same command to start again")
-    return Interrupted(f"interrupted after {job.layers_done}/{shape.layers} layers; the job is kept in "
+    return Interrupted(f"interrupted; {job.layers_done}/{shape.layers} layers are saved and the job is kept in "
                        f"{staged.staging}: rerun the same command with --resume to continue")
 
 
@@ -188,6 +190,8 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
         if calib is not None and job.layers_done < shape.layers:
             hidden = job.load_hidden()
 
+    if hidden is not None:
+        hidden = _place_activations(hidden, shape, dev, dtype, log)
     runner = None
     if calib is not None:
         seqlen = calib.input_ids.shape[1]
@@ -195,18 +199,22 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
     layer_bar = progress.Progress(shape.layers, "layer", done=job.layers_done)
     linear_bar = progress.Progress(shape.layers * 7, "linear", done=job.layers_done * 7)
     spare = torch.empty_like(hidden) if hidden is not None else None
+    saved_at = time.monotonic()  # a resume point is saved when --checkpoint-every seconds have passed
     for i in range(job.layers_done, shape.layers):
         layer = _load_layer(reader, config, i, dev, dtype)
         quantized, record = quantize_layer(i, layer, runner, hidden, gptq, linear_bar, log)
         if runner is not None:
             runner.forward(layer, hidden, out=spare)
             hidden, spare = spare, hidden
-        _write_layer(writer, reader, i, quantized, gptq.bits)
+        _write_layer(writer, reader, i, quantized)
         del layer, quantized
         reader_release(reader)
         job.records.append(record)
         _test_stop(i, before_save=True)
-        _save_progress(job, writer, hidden if i + 1 < shape.layers else None, i + 1)
+        last = i + 1 == shape.layers
+        if last or time.monotonic() - saved_at >= output.checkpoint_every:
+            _save_progress(job, writer, None if last else hidden, i + 1)
+            saved_at = time.monotonic()
         _test_stop(i, before_save=False)
         layer_bar.step(f"done: model.layers.{i}")
     del hidden, spare
@@ -221,6 +229,39 @@ def _run(reader, shape, staged, job, gptq, calib, output, rope, dev, warnings, l
     staged.write_json("quantize_config.json", qcfg)
     copy_side_files(reader, staged)
     staged.write_json(RECORD_NAME, _record(reader, gptq, calib, output, dev, job.records, warnings))
+
+
+def _place_activations(hidden: torch.Tensor, shape: LlamaShape, dev: torch.device, dtype: torch.dtype, log):
+    """On CUDA, keep the calibration activations on the GPU in the compute dtype when both copies
+    fit beside one layer's working set: copying fp32 chunks in and out on every pass doubles a
+    70B layer's time (bench/README.md). The values are the same either way (the layers compute
+    in `dtype`). Otherwise, and on the CPU, they stay on the host in fp32."""
+    from solar_quant.devices import activations_fit
+
+    if dev.type != "cuda":
+        return hidden
+    need = 2 * hidden.numel() * dtype.itemsize
+    working = layer_working_bytes(shape, dtype)
+    free, _ = torch.cuda.mem_get_info(dev)
+    gib = 2**30
+    if activations_fit(need, working, free):
+        log(f"calibration activations on {dev} in {str(dtype).removeprefix('torch.')} "
+            f"(2 x {need / 2 / gib:.1f} GiB; layer working set ~{working / gib:.1f} GiB; {free / gib:.1f} GiB free)")
+        return hidden.to(device=dev, dtype=dtype)
+    log(f"calibration activations on the host in float32: 2 x {need / 2 / gib:.1f} GiB on {dev} would not fit beside "
+        f"the layer's ~{working / gib:.1f} GiB in {free / gib:.1f} GiB free")
+    return hidden.to(torch.float32)
+
+
+def layer_working_bytes(shape: LlamaShape, dtype: torch.dtype) -> int:
+    """A bound on one layer's GPU memory while it is quantized: its weights in `dtype`, the
+    largest stacked solve (weight, its updated copy and dequantized values, fp32, plus
+    transients) and the largest Hessian with its damped copy and inverse factor (fp32)."""
+    linears = shape.linear_shapes()
+    weights = sum(n * k for n, k in linears.values()) * dtype.itemsize
+    stacked = max(sum(linears[_full(n)][0] for n in g) * linears[_full(g[0])][1] for g in SEQUENTIAL_GROUPS)
+    largest_k = max(k for _, k in linears.values())
+    return weights + 4 * 4 * stacked + 3 * 4 * largest_k**2
 
 
 def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
@@ -244,7 +285,8 @@ def reader_release(reader: CheckpointReader) -> None:
 
 
 def _save_progress(job: Job, writer: ShardedWriter, hidden, layers_done: int) -> None:
-    name = job.save_hidden(layers_done, hidden) if hidden is not None else None
+    # states kept on a GPU are saved in their compute dtype (fp16: half the bytes, the same values)
+    name = job.save_hidden(layers_done, hidden.cpu()) if hidden is not None else None
     job.layers_done, job.writer_state, job.hidden_file = layers_done, writer.state(), name
     job.save()
     job.drop_hidden_except(name)
@@ -274,7 +316,10 @@ def _full(name: str) -> str:
 def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions, bar, log) -> tuple[dict, dict]:
     """Quantize the seven linears of `layer` in place (weights become their dequantized values).
 
-    Returns ({linear: QuantizedWeight}, the layer's record for solar_quant.json)."""
+    Linears that read the same inputs (q/k/v; gate/up) share one Hessian and are solved in one
+    pass (`gptq_quantize_shared`). Returns ({linear: its packed GPTQ v1 tensors on the CPU},
+    the layer's record for solar_quant.json)."""
+    from solar_quant.formats.gptq_v1 import pack
     from solar_quant.methods.grid import QuantSpec
 
     spec = QuantSpec(gptq.bits, gptq.group_size, gptq.sym)
@@ -285,13 +330,16 @@ def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions, bar, log) -
         hessians = collect_hessians(layer, runner, hidden, [_full(g[0]) for g in groups]) if runner else {}
         for group in groups:
             H = hessians.get(_full(group[0]))
-            for name in map(_full, group):
-                weight = modules[name].weight
-                q = _quantize_linear(f"{layer_prefix(i)}{name}", weight, H, spec, gptq, log)
+            names = [_full(n) for n in group]
+            weights = [modules[name].weight for name in names]
+            label = ", ".join(layer_prefix(i) + n for n in names)
+            for name, weight, q in zip(names, weights, _quantize_group(label, weights, H, spec, gptq, log)):
                 record["linears"][name] = linear_record(weight, q, H)
                 with torch.no_grad():
                     weight.copy_(q.dequant)
-                quantized[name] = _to_cpu(q)
+                # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
+                quantized[name] = {k: t.cpu() for k, t in pack(q, gptq.bits).items()}
+                del q
                 bar.step(f"{layer_prefix(i)}{name} rel. output error {record['linears'][name]['rel_output_error']}")
             del H
     return quantized, record
@@ -318,13 +366,13 @@ def collect_hessians(layer, runner, hidden, names: list[str]) -> dict[str, torch
     return {n: H for n, (H, _) in state.items()}
 
 
-def _quantize_linear(full_name: str, weight: torch.Tensor, H, spec, gptq: GptqOptions, log):
-    W = weight.detach().to(torch.float32)
+def _quantize_group(label: str, weights: list[torch.Tensor], H, spec, gptq: GptqOptions, log) -> list:
+    Ws = [w.detach().to(torch.float32) for w in weights]
     try:
-        with _one_cpu_thread(W.device):
-            return _quantize_weight(W, H, spec, gptq, full_name, log)
+        with _one_cpu_thread(Ws[0].device):
+            return _quantize_weights(Ws, H, spec, gptq, label, log)
     except NumericsError as e:
-        raise NumericsError(f"{full_name}: {e}") from None
+        raise NumericsError(f"{label}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -343,17 +391,17 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(previous)
 
 
-def _quantize_weight(W, H, spec, gptq: GptqOptions, full_name: str, log):
-    from solar_quant.methods.gptq import gptq_quantize
+def _quantize_weights(Ws, H, spec, gptq: GptqOptions, label: str, log) -> list:
+    from solar_quant.methods.gptq import gptq_quantize_shared
     from solar_quant.methods.rtn import rtn_quantize
 
     if H is None:
-        return rtn_quantize(W, spec)
+        return [rtn_quantize(W, spec) for W in Ws]
     if not H.any():
         raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
                             "check the source weights (e.g. a zeroed layer norm) or the calibration data")
-    return gptq_quantize(W, H, spec, blocksize=gptq.block_size, percdamp=gptq.damp, actorder=gptq.act_order,
-                         static_groups=gptq.static_groups, log=lambda m: log(f"{full_name}: {m}"))
+    return gptq_quantize_shared(Ws, H, spec, blocksize=gptq.block_size, percdamp=gptq.damp, actorder=gptq.act_order,
+                                static_groups=gptq.static_groups, log=lambda m: log(f"{label}: {m}"))
 
 
 def linear_record(weight: torch.Tensor, q, H) -> dict:
@@ -375,20 +423,11 @@ def _sig(x) -> float:
     return float(f"{float(x):.6g}")
 
 
-def _to_cpu(q):
-    from dataclasses import replace
-
-    return replace(q, intweight=q.intweight.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu(), g_idx=q.g_idx.cpu(),
-                   dequant=torch.empty(0))
-
-
-def _write_layer(writer: ShardedWriter, reader: CheckpointReader, i: int, quantized: dict, bits: int) -> None:
-    from solar_quant.formats.gptq_v1 import pack
-
+def _write_layer(writer: ShardedWriter, reader: CheckpointReader, i: int, quantized: dict) -> None:
     prefix = layer_prefix(i)
     writer.add(prefix + "input_layernorm.weight", reader.get(prefix + "input_layernorm.weight").to(torch.float16))
     for name in quantized:
-        for key, tensor in sorted(pack(quantized[name], bits).items()):
+        for key, tensor in sorted(quantized[name].items()):
             writer.add(f"{prefix}{name}.{key}", tensor)
     writer.add(prefix + "post_attention_layernorm.weight",
                reader.get(prefix + "post_attention_layernorm.weight").to(torch.float16))

@@ -41,6 +41,9 @@ def quantize(
     shard_size: o.ShardSize = "2GB",
     overwrite: o.Overwrite = False,
     resume: Annotated[bool, typer.Option("--resume", help="gptq: continue an interrupted job in OUT's staging folder.")] = False,
+    checkpoint_every: Annotated[float, typer.Option(
+        "--checkpoint-every", metavar="SECONDS",
+        help="gptq/rtn: save a resume point (job + hidden states) at most this often; 0: after every layer.")] = 120.0,
 ) -> None:
     """Quantize SRC into OUT, one tensor (bnb) or one decoder layer (gptq/rtn) at a time."""
     from solar_quant.options import OutputOptions, build, parse_size
@@ -51,7 +54,8 @@ def quantize(
                        "complete); rerun the same command to start again")
 
     RopeScaling.parse(rope_scaling)
-    output = build(OutputOptions, shard_size=parse_size(shard_size), rope_scaling=rope_scaling, overwrite=overwrite)
+    output = build(OutputOptions, shard_size=parse_size(shard_size), rope_scaling=rope_scaling, overwrite=overwrite,
+                   checkpoint_every=checkpoint_every)
     if method in BNB_METHODS:
         from solar_quant.options import BnbOptions
         from solar_quant.pipeline.bnb import build_bnb_variant
