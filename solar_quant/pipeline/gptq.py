@@ -4,10 +4,11 @@ GPTQ v1 folder, resumable after a kill.
 For each layer: load its tensors into transformers' `LlamaDecoderLayer`; for each group of
 linears in true-sequential order (q/k/v, o, gate/up, down) run the calibration activations
 through the layer with hooks that fold the group's inputs into its Hessian (stopping each
-chunk once those inputs are seen), quantize the group with `gptq_quantize_shared` (its linears share one Hessian, one pass) and
-write the
+chunk once those inputs are seen), quantize the group in one pass with `gptq_quantize_shared`
+(its linears share the Hessian), pack each linear where it was computed and write the
 dequantized weights back, so later groups see the quantized earlier ones; then run the
-quantized layer to get the next layer's inputs, pack and write its tensors, and free it.
+quantized layer to get the next layer's inputs, write its packed tensors, and free it.
+A resume point (job + hidden states) is saved once `--checkpoint-every` seconds have passed since the last.
 Memory holds one layer, two copies of the calibration activations and one Hessian at a time.
 """
 
@@ -250,7 +251,7 @@ def _place_activations(hidden: torch.Tensor, shape: LlamaShape, dev: torch.devic
         return hidden.to(device=dev, dtype=dtype)
     log(f"calibration activations on the host in float32: 2 x {need / 2 / gib:.1f} GiB on {dev} would not fit beside "
         f"the layer's ~{working / gib:.1f} GiB in {free / gib:.1f} GiB free")
-    return hidden.to(torch.float32)
+    return hidden
 
 
 def layer_working_bytes(shape: LlamaShape, dtype: torch.dtype) -> int:
