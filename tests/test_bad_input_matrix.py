@@ -384,16 +384,20 @@ def test_bad_input(case, tiny_llama, tmp_path):
 
 
 # -- the kernel refuses the write: real subprocesses ---------------------------------------------
+def _quantize_with_file_limit(kib: int, src, out, flags: str):
+    """`solar-quant quantize SRC OUT FLAGS` in a shell whose writes fail past `kib` KiB (`ulimit -f`)."""
+    script = f"ulimit -f {kib}; exec {sys.executable} -m solar_quant quantize {src} {out} {flags}"
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "SOLAR_QUANT_QUIET": "1",
+                               "PATH": "/usr/bin:/bin"})
+
+
 def test_full_disk_file_size_limit(tiny_llama, tmp_path):
     """`ulimit -f` makes every write past 1 MiB fail with EFBIG, as a full disk fails with ENOSPC
     (Python ignores SIGXFSZ, so the write returns the error). Real ENOSPC on a tmpfs is tested in
     tests/test_bnb_variant.py::test_disk_full_on_a_real_tiny_filesystem."""
     before = tree_digest(tiny_llama)
-    script = (f"ulimit -f 1024; exec {sys.executable} -m solar_quant quantize {tiny_llama} {tmp_path}/out "
-              "--method rtn --group-size 32")
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "SOLAR_QUANT_QUIET": "1",
-                               "PATH": "/usr/bin:/bin"})
+    proc = _quantize_with_file_limit(1024, tiny_llama, tmp_path / "out", "--method rtn --group-size 32")
     assert_clean_failure(proc, "File too large", "free disk space")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the embeddings alone pass 1 MiB: no job yet
     assert tree_digest(tiny_llama) == before
@@ -401,11 +405,7 @@ def test_full_disk_file_size_limit(tiny_llama, tmp_path):
 
 def test_full_disk_after_a_saved_layer_keeps_the_job(tiny_llama, tmp_path):
     """Past the first saved layer a GPTQ/RTN job is kept, and the message says to --resume."""
-    script = (f"ulimit -f 6200; exec {sys.executable} -m solar_quant quantize {tiny_llama} {tmp_path}/out "
-              "--method rtn --group-size 32 --shard-size 1GB")
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "SOLAR_QUANT_QUIET": "1",
-                               "PATH": "/usr/bin:/bin"})
+    proc = _quantize_with_file_limit(6200, tiny_llama, tmp_path / "out", "--method rtn --group-size 32 --shard-size 1GB")
     assert_clean_failure(proc, "File too large", "--resume")
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial" / ".job" / "job.json").is_file()
     cli("quantize", tiny_llama, tmp_path / "out", "--method", "rtn", "--group-size", "32", "--shard-size", "1GB",
