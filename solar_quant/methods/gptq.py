@@ -192,9 +192,10 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     """The row blocks of a quantized stacked weight, each with its own loss."""
     parts, start = [], 0
     row_losses = q.stats.get("row_losses")
+    shared = {k: v for k, v in q.stats.items() if k != "row_losses"}
     for n in sizes:
         rows = slice(start, start + n)
-        stats = {k: v for k, v in q.stats.items() if k != "row_losses"}
+        stats = dict(shared)
         if row_losses is not None:
             stats["loss"] = float(row_losses[rows].sum())
         parts.append(QuantizedWeight(intweight=q.intweight[rows], scales=q.scales[:, rows], zeros=q.zeros[:, rows],

@@ -340,7 +340,6 @@ def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions, bar, log) -
                     weight.copy_(q.dequant)
                 # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
                 quantized[name] = {k: t.cpu() for k, t in pack(q, gptq.bits).items()}
-                del q
                 bar.step(f"{layer_prefix(i)}{name} rel. output error {record['linears'][name]['rel_output_error']}")
             del H
     return quantized, record
