@@ -41,13 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 MODEL = "/tmp/sqcache/models/SmolLM2-135M-Instruct-fp16"
-CONFIGS = {  # name -> (bits, group size, act-order)
-    "4b-g128": (4, 128, False),
-    "4b-g128-act": (4, 128, True),
-    "3b-g128": (3, 128, False),
+CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = min/max range)
+    "4b-g128": (4, 128, False, 0.0),
+    "4b-g128-act": (4, 128, True, 0.0),
+    "3b-g128": (3, 128, False, 0.0),
+    "4b-g128-act-mse": (4, 128, True, 2.4),
+    "3b-g128-act-mse": (3, 128, True, 2.4),
 }
 DAMP = 0.01
-BARS = {"4b-g128": 0.5, "3b-g128": 0.2}  # issue 5: GPTQ's ppl excess <= BAR x RTN's excess
+BARS = {4: 0.5, 3: 0.2}  # issue 5, by bits: GPTQ's ppl excess <= BAR x RTN's excess (every config is reported)
 SAME_WITHIN = 1.01  # issue 5: our ppl and KL no worse than GPTQModel's within 1 %
 
 
@@ -69,8 +71,10 @@ def schedule(reps: dict[str, int], one_thread: list[str] = ()) -> list[dict]:
         for rep in range(1, n + 1):
             for impl in ("ours", "theirs"):
                 runs.append({"id": f"{name}-{impl}-{rep}", "config": name, "impl": impl, "rep": rep})
-    for bits in sorted({CONFIGS[n][0] for n in reps}, reverse=True):
-        runs.append({"id": f"rtn-{bits}b-g128", "config": f"rtn-{bits}b-g128", "impl": "ours-rtn", "rep": 1})
+    for bits, mse in sorted({(CONFIGS[n][0], CONFIGS[n][3]) for n in reps} | {(CONFIGS[n][0], 0.0) for n in reps},
+                            reverse=True):
+        rid = rtn_id(bits, mse)
+        runs.append({"id": rid, "config": rid, "impl": "ours-rtn", "rep": 1, "bits": bits, "mse": mse})
     runs.append({"id": "bnb-nf4", "config": "bnb-nf4", "impl": "ours-bnb", "rep": 1})
     for name in one_thread:
         runs.append({"id": f"{name}-ours-1thread", "config": name, "impl": "ours", "rep": 0,
@@ -85,21 +89,27 @@ PEER_LAUNCH = ("import runpy, sys; sys.argv[0] = 'bench/peer_run'; "
                "runpy.run_path('bench/' + 'gptq' + 'model_run.py', run_name='__main__')")
 
 
+def rtn_id(bits: int, mse: float) -> str:
+    """RTN on the same grid: plain min/max (`rtn-4b-g128`) or with the same clipping search (`-mse`)."""
+    return f"rtn-{bits}b-g128" + ("-mse" if mse else "")
+
+
 def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
     py = benchlib.PYTHON
     if run["impl"] == "ours-rtn":
-        bits = int(run["config"].split("-")[1][0])
+        bits, mse = run.get("bits", int(run["config"].split("-")[1][0])), run.get("mse", 0.0)
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "rtn", "--bits", str(bits),
-                "--group-size", "128"]
+                "--group-size", "128"] + (["--mse", str(mse)] if mse else [])
     if run["impl"] == "ours-bnb":
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "bnb-nf4"]
-    bits, group, act = CONFIGS[run["config"]]
+    bits, group, act, mse = CONFIGS[run["config"]]
+    clip = ["--mse", str(mse)] if mse else []
     if run["impl"] == "ours":
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "gptq", "--bits", str(bits),
                 "--group-size", str(group), "--damp", str(DAMP), "--calibration", str(calib),
-                "--act-order" if act else "--no-act-order"]
+                "--act-order" if act else "--no-act-order", *clip]
     return [py, "-c", PEER_LAUNCH, model, str(out), "--calibration", str(calib), "--bits", str(bits),
-            "--group-size", str(group), "--damp", str(DAMP)] + (["--act-order"] if act else [])
+            "--group-size", str(group), "--damp", str(DAMP)] + (["--act-order"] if act else []) + clip
 
 
 def shown(cmd: list[str]) -> str:
@@ -157,7 +167,7 @@ def step_quantize(args, doc, save) -> None:
         result = benchlib.measure(cmd, args.work / f"{run['id']}.log", env=benchlib.child_env(**run.get("env", {})))
         log_text = (args.work / f"{run['id']}.log").read_text(errors="replace")
         timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines() if line.startswith("GPTQMODEL_TIMING ")]
-        runs[run["id"]] = {**run, "command": shown(cmd), **result, "waited_for_quiet": quiet,
+        runs[run["id"]] = {**run, "command": shown(cmd), "commit": benchlib.git_commit(), **result, "waited_for_quiet": quiet,
                            "output": str(out), "safetensors_bytes": benchlib.folder_bytes(out),
                            "tensor_bytes": sum(b for _, _, b in benchlib.safetensors_tensor_bytes(out).values()),
                            "checkpoint_format": _checkpoint_format(out), **({"phases": timing[-1]} if timing else {})}
@@ -330,21 +340,25 @@ def step_report(args, doc) -> None:
         summary[name] = {"pairs": len(pairs), "ratios_ours_over_theirs": ratio_stats, "per_impl": per_impl,
                          "issue5_peer_checks": checks}
     bars = {}
-    for name, bar in BARS.items():
-        bits = CONFIGS[name][0]
-        rtn = scores.get(f"rtn-{bits}b-g128")
+    for name, (bits, _, _, mse) in CONFIGS.items():
         ours = [scores[r] for r in (f"{name}-ours-{i}" for i in range(1, 100)) if r in scores]
         theirs = [scores[r] for r in (f"{name}-theirs-{i}" for i in range(1, 100)) if r in scores]
-        if fp16 is None or rtn is None or not ours:
+        if fp16 is None or not ours:
             continue
-        rtn_excess = rtn["ppl"] - fp16
         ours_excess = statistics.median(s["ppl"] for s in ours) - fp16
-        row = {"fp16_ppl": fp16, "rtn_ppl": rtn["ppl"], "rtn_excess": rtn_excess,
-               "gptq_ppl": ours_excess + fp16, "gptq_excess": ours_excess,
-               "excess_ratio": ours_excess / rtn_excess, "bar": bar, "passed": ours_excess <= bar * rtn_excess}
+        row = {"fp16_ppl": fp16, "gptq_ppl": ours_excess + fp16, "gptq_excess": ours_excess, "bar": BARS[bits]}
         if theirs:
-            te = statistics.median(s["ppl"] for s in theirs) - fp16
-            row.update(gptqmodel_excess=te, gptqmodel_excess_ratio=te / rtn_excess)
+            row["gptqmodel_excess"] = statistics.median(s["ppl"] for s in theirs) - fp16
+        # against RTN with min/max ranges, and (for a clipping config) RTN with the same clipping search
+        for key, rid in (("rtn", rtn_id(bits, 0.0)), ("rtn_same_clipping", rtn_id(bits, mse))):
+            rtn = scores.get(rid)
+            if rtn is None or (key == "rtn_same_clipping" and not mse):
+                continue
+            rtn_excess = rtn["ppl"] - fp16
+            row[key] = {"run": rid, "ppl": rtn["ppl"], "excess": rtn_excess, "excess_ratio": ours_excess / rtn_excess,
+                        "passed": ours_excess <= BARS[bits] * rtn_excess}
+            if theirs:
+                row[key]["gptqmodel_excess_ratio"] = row["gptqmodel_excess"] / rtn_excess
         bars[name] = row
     doc["summary"], doc["issue5_bars"] = summary, bars
     print(markdown(doc))
@@ -397,11 +411,11 @@ def main() -> None:
         "model": args.model, "calibration": {"source": "bundled set (solar-quant calibrate defaults: solar template, "
                                              "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,
                                              "seqlen": args.seqlen},
-        "configs": {k: {"bits": b, "group_size": g, "act_order": a, "sym": True, "damp": DAMP, "true_sequential": True}
-                    for k, (b, g, a) in CONFIGS.items()},
+        "configs": {k: {"bits": b, "group_size": g, "act_order": a, "sym": True, "damp": DAMP, "true_sequential": True,
+                        "mse": m} for k, (b, g, a, m) in CONFIGS.items()},
         "reps": args.reps, "order": "per config: ours, theirs, ours, theirs, ... then RTN, bnb-nf4",
         "gptqmodel": "bench/gptqmodel_run.py: GPTQModel.load(dtype=float32, device=cpu), QuantizeConfig(format='gptq', "
-                     "act_group_aware=False, sym=True, true_sequential=True, damp_percent=0.01), quantize(the artifact's "
+                     "act_group_aware=False, sym=True, true_sequential=True, damp_percent=0.01, mse as the config), quantize(the artifact's "
                      "ids, batch_size=1, calibration_sort=None), save(); GPTQMODEL_CPU_WORKERS=2",
         "ours": "python -m solar_quant quantize M OUT --method gptq --calibration WORK/calib (fp32 compute on CPU)",
         "measurement": "fresh child process per run; wall = parent monotonic clock; peak RSS = os.wait4 ru_maxrss",

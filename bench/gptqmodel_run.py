@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--mse", type=float, default=0.0, help="QuantizeConfig.mse: clipping search norm (0: off)")
     p.add_argument("--batch-size", type=int, default=1)
     args = p.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -43,7 +44,8 @@ def main() -> None:
     # act_group_aware=False: plain GPTQ column order, as ours (GPTQModel turns its own reordering on by default
     # when desc_act is off); true_sequential and sym as ours; damp as given.
     cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order, sym=True,
-                         damp_percent=args.damp, true_sequential=True, act_group_aware=False, format="gptq")
+                         damp_percent=args.damp, true_sequential=True, act_group_aware=False, format="gptq",
+                         mse=args.mse)
     model = GPTQModel.load(args.src, cfg, dtype=torch.float32, device="cpu")
     loaded = time.monotonic()
     model.quantize(rows, batch_size=args.batch_size, calibration_sort=None)

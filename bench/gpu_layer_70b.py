@@ -293,6 +293,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--mse", type=float, default=0.0, help="clipping search norm per group (0: min/max range)")
     ap.add_argument("--chunk-tokens", type=int, default=4096, help="calibration tokens per forward (pipeline: 4096)")
     ap.add_argument("--activations", default="gpu,gpu,cpu",
                     help="one entry per layer run: gpu (fp16 on the device) or cpu (fp32 on the host, chunks copied in "
@@ -354,7 +355,7 @@ def main() -> None:
     doc["hessian_kernel"] = ("solar_quant.methods.gptq.accumulate_hessian (the pipeline's: fp16 inputs on tensor "
                              "cores, fp32 accumulation, where torch has mm(out_dtype=float32))"
                              if args.hessian == "library" else "fp32 inputs, fp32 matmul")
-    spec = QuantSpec(args.bits, args.group_size, True)
+    spec = QuantSpec(args.bits, args.group_size, True, args.mse)
     doc["layers_run"] = []
     hidden = spare = None
     for i, mode in enumerate(modes):

@@ -51,6 +51,7 @@ class GptqOptions(Frozen):
     act_order: bool = False  # desc_act
     static_groups: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
+    mse: float = Field(0.0, ge=0)  # > 0: clipping search per group under |error|**mse (GPTQ uses 2.4)
     block_size: int = Field(128, gt=0)
     true_sequential: bool = True
 

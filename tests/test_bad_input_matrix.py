@@ -337,6 +337,7 @@ CASES = {
     "bits-5": _option("--bits", "5", needles=("--bits",)),
     "group-size-0": _option("--group-size", "0", needles=("--group-size",)),
     "damp-2": _option("--damp", "2", method=GPTQ, needles=("--damp",)),
+    "mse-negative": _option("--mse", "-1", method=GPTQ, needles=("--mse",)),
     "nsamples-0": _option("--nsamples", "0", method=GPTQ, needles=("--nsamples",)),
     "seqlen-negative": _option("--seqlen", "-1", method=GPTQ, needles=("--seqlen",)),
     "shard-size-0": _option("--shard-size", "0", needles=("--shard-size",)),

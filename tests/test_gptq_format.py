@@ -99,7 +99,7 @@ def test_file_is_the_truth(bits, actorder, static):
 
 
 def test_quantization_config():
-    opts = GptqOptions(bits=3, group_size=64, act_order=True, sym=False, damp=0.02)
+    opts = GptqOptions(bits=3, group_size=64, act_order=True, sym=False, damp=0.02, mse=2.4)
     config = gptq_v1.quantization_config(opts, damp_used=0.2)
     assert json.loads(json.dumps(config)) == config
     expected = {"bits": 3, "group_size": 64, "desc_act": True, "sym": False, "lm_head": False,
@@ -108,6 +108,7 @@ def test_quantization_config():
     assert {k: config[k] for k in expected} == expected
     assert config["meta"]["quantizer"] == [f"solar-quant:{__version__}"]
     assert config["meta"]["damp_used"] == 0.2
+    assert config["meta"]["mse"] == 2.4  # where GPTQModel records its clipping search too
     assert "damp_used" not in gptq_v1.quantization_config(opts)["meta"]
 
 

@@ -178,6 +178,26 @@ def test_asymmetric_represents_constant_offset_row():
     assert err_asym < 0.2 * err_sym  # the symmetric grid clips the offset
 
 
+@pytest.mark.parametrize("bits,sym", [(3, True), (4, False)])
+def test_clipping_search_never_loses_to_min_max(bits, sym):
+    W = weight()
+    W[:, 7] *= 12  # one outlier column: clipping it buys a finer grid for the other 63 of its group
+    plain = rtn_quantize(W, QuantSpec(bits, 64, sym))
+    clipped = rtn_quantize(W, QuantSpec(bits, 64, sym, mse=2.4))
+    assert torch.equal(clipped.scales, clipped.scales.half().float())
+    def group_err(q):  # sum |W - Q|**2.4 per (row, group): what the search minimises
+        err = (W - q.dequant).abs().pow(2.4)
+        return torch.stack([err[:, i:i + 64].sum(1) for i in range(0, K, 64)])
+    assert (group_err(clipped) <= group_err(plain) * (1 + 1e-5)).all()
+    assert (clipped.scales[0] < plain.scales[0]).float().mean() > 0.5  # the outlier group is clipped
+    assert group_err(clipped).sum() < group_err(plain).sum()
+
+
+def test_clipping_norm_must_not_be_negative():
+    with pytest.raises(ValueError, match="mse"):
+        QuantSpec(4, 128, True, mse=-1.0)
+
+
 # --- degenerate Hessians ------------------------------------------------------------------------
 
 def test_dead_columns_are_zeroed_and_counted(X):

@@ -116,6 +116,7 @@ def quantization_config(opts: GptqOptions, *, damp_used: float | None = None) ->
         "method": opts.method,
         "damp_auto_increment": 10.0,
         "block_size": opts.block_size,
+        "mse": opts.mse,
     }
     if damp_used is not None:
         meta["damp_used"] = damp_used

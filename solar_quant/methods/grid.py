@@ -17,6 +17,11 @@ Two deliberate refinements, both so that the file on disk is the truth:
   and carries into the neighbouring field for 2/4/8 bits, exllama and vLLM add 1 per field and
   get `maxq + 1`). A group whose grid would start at 0 instead gets `zero = 1` and
   `scale = max / (maxq - 1)`, which still covers its range; only all-non-negative groups change.
+
+Optional clipping search (`mse > 0`, GPTQ's `Quantizer(mse=True)` and GPTQModel's `mse`): the range
+is shrunk by p = 1, 0.99, ..., 0.21 and each group keeps the p whose grid gives the smallest
+sum of |x - dequantized|**mse over the group (2.4 in GPTQ's code). Clipping a few outliers buys a
+finer grid for the rest.
 """
 
 from __future__ import annotations
@@ -38,12 +43,15 @@ class QuantSpec:
     bits: int
     group_size: int
     sym: bool
+    mse: float = 0.0  # > 0: search a clipped range under this error norm (see the module text)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+        if self.mse < 0:
+            raise ValueError(f"mse must be 0 (off) or a positive norm, got {self.mse}")
 
     @property
     def maxq(self) -> int:
@@ -63,7 +71,6 @@ def group_params(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
     Returns (scale float32 [N], already rounded to float16 values; zero int32 [N])."""
     x = x.float()
-    maxq = spec.maxq
     zeros_n = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     xmin = torch.minimum(x.min(dim=1).values, zeros_n)
     xmax = torch.maximum(x.max(dim=1).values, zeros_n)
@@ -73,16 +80,46 @@ def group_params(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
+    scale, zero = _range_params(xmin, xmax, spec)
+    if spec.mse > 0:
+        scale, zero = _clipped_params(x, xmin, xmax, scale, zero, spec)
+    return scale, zero.to(torch.int32)
+
+
+def _range_params(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The grid spanning [xmin, xmax] per row: (fp16-valued scale, zero as float32)."""
+    maxq = spec.maxq
     scale = (xmax - xmin) / maxq
     if spec.sym:
         scale = _to_fp16_values(scale)
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        starts_at_zero = torch.round(-xmin / scale) < 1
-        scale = torch.where(starts_at_zero, xmax / (maxq - 1), scale)
-        scale = _to_fp16_values(scale)
-        zero = torch.round(-xmin / scale).clamp(1, maxq)
-    return scale, zero.to(torch.int32)
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    starts_at_zero = torch.round(-xmin / scale) < 1
+    scale = torch.where(starts_at_zero, xmax / (maxq - 1), scale)
+    scale = _to_fp16_values(scale)
+    return scale, torch.round(-xmin / scale).clamp(1, maxq)
+
+
+def _clipped_params(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
+                    grid: int = 100, maxshrink: float = 0.8) -> tuple[Tensor, Tensor]:
+    """Per row, the shrunk range p * [xmin, xmax] whose grid reconstructs `x` best (p = 1 included).
+
+    The shrink factors are tried a chunk at a time, [chunk, N, g]: on a GPU up to 2**26 elements,
+    a few dozen kernels per group instead of hundreds; on a CPU up to 2**21, which stays in cache
+    (SmolLM2's 1536 x 128 groups: 0.045 s per group, 0.33 s with 2**26)."""
+    shrink = 1 - torch.arange(int(maxshrink * grid), dtype=torch.float32, device=x.device) / grid
+    budget = 2**26 if x.device.type == "cuda" else 2**21
+    chunk = max(1, min(len(shrink), budget // max(1, x.numel())))
+    best = torch.full_like(scale, math.inf)
+    for p in shrink.split(chunk):
+        scale1, zero1 = _range_params(p[:, None] * xmin, p[:, None] * xmax, spec)  # [chunk, N]
+        s, z = scale1[..., None], zero1[..., None]
+        err = (dequantize(quantize(x, s, z, spec.maxq), s, z) - x).abs_().pow_(spec.mse).sum(dim=2)
+        err, k = err.min(dim=0)  # the first (widest) range wins ties, as in the one-by-one search
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, scale1.gather(0, k[None])[0], scale)
+        zero = torch.where(better, zero1.gather(0, k[None])[0], zero)
+    return scale, zero
 
 
 def _to_fp16_values(scale: Tensor) -> Tensor:

@@ -323,7 +323,7 @@ def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions, bar, log) -
     from solar_quant.formats.gptq_v1 import pack
     from solar_quant.methods.grid import QuantSpec
 
-    spec = QuantSpec(gptq.bits, gptq.group_size, gptq.sym)
+    spec = QuantSpec(gptq.bits, gptq.group_size, gptq.sym, gptq.mse)
     modules = linear_modules(layer)
     passes = [[g] for g in SEQUENTIAL_GROUPS] if gptq.true_sequential else [list(SEQUENTIAL_GROUPS)]
     quantized, record = {}, {"layer": i, "linears": {}}

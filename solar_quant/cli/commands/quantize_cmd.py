@@ -27,6 +27,7 @@ def quantize(
     static_groups: Annotated[bool, typer.Option("--static-groups", help="gptq act-order: fix group parameters before reordering.")] = False,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="gptq/rtn: symmetric or asymmetric grid.")] = True,
     damp: Annotated[float, typer.Option("--damp", help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
+    mse: Annotated[float, typer.Option("--mse", help="gptq/rtn: search each group's clipped range under |error|**NORM (2.4 as in GPTQ); 0: min/max range.")] = 0.0,
     block_size: Annotated[int, typer.Option("--block-size", help="gptq: columns per lazy-update block.")] = 128,
     calibration: o.CalibrationArtifact = None,
     source: o.CalibSource = None,
@@ -69,7 +70,7 @@ def quantize(
         from solar_quant.pipeline.gptq import build_gptq_variant
 
         gptq = build(GptqOptions, method=method, bits=bits, group_size=group_size, act_order=act_order,
-                     static_groups=static_groups, sym=sym, damp=damp, block_size=block_size)
+                     static_groups=static_groups, sym=sym, damp=damp, mse=mse, block_size=block_size)
         calib = None if method == "rtn" else calibration_from_cli(
             src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen, seed=seed, short=short)
         path = build_gptq_variant(src, out, gptq, calib, output, device=device, resume=resume)
