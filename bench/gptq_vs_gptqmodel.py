@@ -3,7 +3,7 @@ alternating runs, each in a fresh process; then perplexity and KL vs fp16 with o
 
     PYTHONPATH=. python bench/gptq_vs_gptqmodel.py [--work /tmp/sqbench/gvg] [--nsamples 64 --seqlen 512]
         [--reps 4b-g128=3,4b-g128-act=1,3b-g128=1] [--max-tokens 16384] [--quiet-load 2.5]
-        [--steps calibrate,quantize,eval,report] [--out bench/results/gptq_vs_gptqmodel.json]
+        [--steps calibrate,quantize,eval,report] [--calib-seed 0] [--out bench/results/gptq_vs_gptqmodel.json]
 
 Steps (each resumable: finished runs are kept in the JSON and skipped):
 1. calibrate: `solar-quant calibrate --model M --out WORK/calib --nsamples N --seqlen L` (the bundled set).
@@ -147,7 +147,7 @@ def step_calibrate(args, doc) -> None:
     if (calib / "calibration.safetensors").is_file():
         return
     cmd = [benchlib.PYTHON, "-m", "solar_quant", "calibrate", "--model", args.model, "--out", str(calib),
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.calib_seed)]
     doc["calibration"] = {"command": " ".join(cmd[1:]), **benchlib.measure(cmd, args.work / "calibrate.log")}
     card = json.loads((calib / "calibration.json").read_text())
     doc["calibration"].update({"sha256": card.get("sha256"), "tokens": card.get("tokens"),
@@ -393,6 +393,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=benchlib.ROOT / "bench" / "results" / "gptq_vs_gptqmodel.json")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed of the calibration draw (a different seed draws different samples from the bundled set)")
     ap.add_argument("--reps", type=parse_reps, default=parse_reps("4b-g128=3,4b-g128-act=1,3b-g128=1"))
     ap.add_argument("--one-thread", nargs="*", default=["4b-g128"],
                     help="configs also run (once, after the pairs) as ours with OMP_NUM_THREADS=1, a diagnostic")
@@ -410,7 +412,7 @@ def main() -> None:
     doc["protocol"] = {
         "model": args.model, "calibration": {"source": "bundled set (solar-quant calibrate defaults: solar template, "
                                              "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,
-                                             "seqlen": args.seqlen},
+                                             "seqlen": args.seqlen, "seed": args.calib_seed},
         "configs": {k: {"bits": b, "group_size": g, "act_order": a, "sym": True, "damp": DAMP, "true_sequential": True,
                         "mse": m} for k, (b, g, a, m) in CONFIGS.items()},
         "reps": args.reps, "order": "per config: ours, theirs, ours, theirs, ... then RTN, bnb-nf4",

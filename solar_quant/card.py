@@ -66,7 +66,9 @@ def _describe(v: dict) -> str:
     g = o.get("group_size")
     grouping = "no grouping" if g == -1 else f"group size {g}"
     name = "GPTQ" if m == "gptq" else "round-to-nearest (RTN), GPTQ v1 layout,"
-    return f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{'symmetric' if o.get('sym', True) else 'asymmetric'})"
+    clip = f"clipping search (norm {o['mse']}), " if o.get("mse") else ""
+    return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
+            f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
 
 
 def _rope_text(rope: dict) -> str:

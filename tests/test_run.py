@@ -33,6 +33,8 @@ rope_scaling = "dynamic:2"
 method = "gptq"
 bits = 4
 group_size = 32
+act_order = true
+mse = 2.4
 
 [eval]
 seqlen = 32
@@ -59,7 +61,10 @@ def test_recipe_runs_end_to_end(tiny_llama, tmp_path):
         cfg = json.loads((folder / "config.json").read_text())
         assert cfg["rope_parameters"]["rope_type"] == "dynamic" and cfg["rope_parameters"]["factor"] == 2.0
         assert name in proc.stdout
-    assert "## Calibration set" in (out / "tiny-gptq-4bit-g32" / "README.md").read_text()
+    gptq_card = (out / "tiny-gptq-4bit-g32" / "README.md").read_text()
+    assert "## Calibration set" in gptq_card and "act-order, clipping search (norm 2.4), symmetric" in gptq_card
+    qcfg = json.loads((out / "tiny-gptq-4bit-g32" / "quantize_config.json").read_text())
+    assert qcfg["desc_act"] is True and qcfg["meta"]["mse"] == 2.4
     report = json.loads((out / "eval" / "report.json").read_text())
     assert [m["role"] for m in report["models"]] == ["baseline", "variant", "variant"]
     run = json.loads((out / "run.json").read_text())
