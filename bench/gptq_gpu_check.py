@@ -3,9 +3,10 @@
     PYTHONPATH=. python bench/gptq_gpu_check.py [--out gpu.json]
 
 Agreement: a 512 x 1024 weight, correlated synthetic activations, 4-bit g128, 3-bit act-order,
-and both again with the clipping search (mse 2.4, act-order swapped); RTN must match the CPU bit for bit, GPTQ to float rounding. Timing: random
-weights and a Hessian from 4096 random correlated tokens at the 70B shapes
-(q_proj 8192x8192, gate_proj 28672x8192, down_proj 8192x28672), one warm-up run first.
+and both again with the clipping search (mse 2.4, act-order swapped); RTN must match the CPU bit
+for bit (without clipping), GPTQ to float rounding. Timing: random weights and a Hessian from
+4096 random correlated tokens at the 70B shapes (q_proj 8192x8192, gate_proj 28672x8192,
+down_proj 8192x28672), one warm-up run first.
 """
 
 from __future__ import annotations

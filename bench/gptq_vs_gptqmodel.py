@@ -97,7 +97,7 @@ def rtn_id(bits: int, mse: float) -> str:
 def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
     py = benchlib.PYTHON
     if run["impl"] == "ours-rtn":
-        bits, mse = run.get("bits", int(run["config"].split("-")[1][0])), run.get("mse", 0.0)
+        bits, mse = run["bits"], run["mse"]
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "rtn", "--bits", str(bits),
                 "--group-size", "128"] + (["--mse", str(mse)] if mse else [])
     if run["impl"] == "ours-bnb":
