@@ -4,6 +4,7 @@ alternating runs, each in a fresh process; then perplexity and KL vs fp16 with o
     PYTHONPATH=. python bench/gptq_vs_gptqmodel.py [--work /tmp/sqbench/gvg] [--nsamples 64 --seqlen 512]
         [--reps 4b-g128=3,4b-g128-act=1,3b-g128=1] [--max-tokens 16384] [--quiet-load 2.5]
         [--steps calibrate,quantize,eval,report] [--calib-seed 0] [--out bench/results/gptq_vs_gptqmodel.json]
+        [--redo ours,ours-rtn]
 
 Steps (each resumable: finished runs are kept in the JSON and skipped):
 1. calibrate: `solar-quant calibrate --model M --out WORK/calib --nsamples N --seqlen L` (the bundled set).
@@ -136,6 +137,22 @@ def tensors_sha256(folder: Path) -> str:
         h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
         h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def redo(doc: dict, impls: set[str]) -> None:
+    """Forget the runs (and their scores and runtime checks) of `impls`; the others stay, each with
+    the commit it was measured at. The dropped runs' commits are kept in `redone`."""
+    unknown = impls - {"ours", "ours-rtn", "ours-bnb", "theirs"}
+    if unknown:
+        raise SystemExit(f"--redo: unknown implementation(s) {', '.join(sorted(unknown))}")
+    runs = doc.get("runs", {})
+    dropped = {rid: run.get("commit") for rid, run in runs.items() if run.get("impl") in impls}
+    for rid in dropped:
+        runs.pop(rid)
+        doc.get("scores", {}).pop(rid, None)
+        doc.get("runtime_check", {}).pop(rid, None)
+    doc.setdefault("redone", []).append({"impls": sorted(impls), "runs": dropped,
+                                         "at": dt.datetime.now().isoformat(timespec="seconds")})
 
 
 def load_doc(path: Path) -> dict:
@@ -406,9 +423,13 @@ def main() -> None:
     ap.add_argument("--runtime-check", nargs="*", default=["4b-g128-ours-1", "4b-g128-theirs-1", "bnb-nf4"],
                     help="runs whose dense scores are checked against the real runtime kernels")
     ap.add_argument("--runtime-check-tokens", type=int, default=1024)
+    ap.add_argument("--redo", default="", help="comma list of implementations (ours, ours-rtn, ours-bnb, theirs) whose "
+                    "runs and scores are dropped from --out and measured again, e.g. after a change to our solver")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     doc = load_doc(args.out)
+    if args.redo:
+        redo(doc, set(args.redo.split(",")))
     doc["protocol"] = {
         "model": args.model, "calibration": {"source": "bundled set (solar-quant calibrate defaults: solar template, "
                                              "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,

@@ -9,7 +9,7 @@ import torch
 
 from solar_quant.errors import NumericsError
 from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize
-from solar_quant.methods.grid import QuantSpec
+from solar_quant.methods.grid import QuantSpec, dequantize, group_params, quantize
 from solar_quant.methods.rtn import rtn_quantize
 
 N, K = 64, 200  # K is not a multiple of 32, 64 or 128: every grouped case has a partial last group
@@ -182,15 +182,20 @@ def test_asymmetric_represents_constant_offset_row():
 def test_clipping_search_never_loses_to_min_max(bits, sym):
     W = weight()
     W[:, 7] *= 12  # one outlier column: clipping it buys a finer grid for the other 63 of its group
-    plain = rtn_quantize(W, QuantSpec(bits, 64, sym))
-    clipped = rtn_quantize(W, QuantSpec(bits, 64, sym, mse=2.4))
-    assert torch.equal(clipped.scales, clipped.scales.half().float())
-    def group_err(q):  # sum |W - Q|**2.4 per (row, group): what the search minimises
-        err = (W - q.dequant).abs().pow(2.4)
-        return torch.stack([err[:, i:i + 64].sum(1) for i in range(0, K, 64)])
-    assert (group_err(clipped) <= group_err(plain) * (1 + 1e-5)).all()
-    assert (clipped.scales[0] < plain.scales[0]).float().mean() > 0.5  # the outlier group is clipped
+    def group_err(spec):  # per (group, row): the search's own measure, sum |x - dequantized|**2.4 on its grid
+        errs = []
+        for i in range(0, K, 64):
+            x = W[:, i:i + 64]
+            scale, zero = group_params(x, spec)
+            s, z = scale[:, None], zero[:, None].float()
+            errs.append((dequantize(quantize(x, s, z, spec.maxq), s, z) - x).abs().pow(2.4).sum(1))
+        return torch.stack(errs)
+    plain, clipped = QuantSpec(bits, 64, sym), QuantSpec(bits, 64, sym, mse=2.4)
+    assert (group_err(clipped) <= group_err(plain) * (1 + 1e-6)).all()
     assert group_err(clipped).sum() < group_err(plain).sum()
+    stored_plain, stored_clipped = rtn_quantize(W, plain), rtn_quantize(W, clipped)
+    assert torch.equal(stored_clipped.scales, stored_clipped.scales.half().float())  # the file's values
+    assert (stored_clipped.scales[0] < stored_plain.scales[0]).float().mean() > 0.5  # the outlier group is clipped
 
 
 def test_clipping_norm_must_not_be_negative():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
-from solar_quant.methods.grid import QuantSpec, dequantize, group_params, quantize
+from solar_quant.methods.grid import QuantSpec, dequantize, group_params, quantize, stored_scales
 
 __all__ = ["QuantSpec", "QuantizedWeight", "accumulate_hessian", "gptq_quantize", "gptq_quantize_shared", "assemble",
            "split_rows"]
@@ -75,8 +75,10 @@ def _half_gram(X: Tensor) -> Tensor | None:
 
 
 def assemble(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, **extra) -> QuantizedWeight:
-    """Build a QuantizedWeight from codes [N, K] (original order) and per-group parameters."""
+    """Build a QuantizedWeight from codes [N, K] (original order) and per-group parameters; the
+    scales are rounded to the float16 values the file keeps, and `dequant` is computed from those."""
     g = g_idx.long()
+    scales = stored_scales(scales)
     intweight = codes.to(torch.int32)
     dequant = dequantize(intweight.to(torch.float32), scales[g].t(), zeros[g].t().to(torch.float32))
     return QuantizedWeight(intweight=intweight, scales=scales, zeros=zeros, g_idx=g_idx.to(torch.int32),
@@ -205,9 +207,9 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
 
 
 def _codes_of(Q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
-    """The codes behind dequantized values Q = scale * (q - zero). Exact: q - zero is a small
-    integer and the scale a float16 value, so their float32 product and its quotient carry no
-    rounding."""
+    """The codes behind dequantized values Q = scale * (q - zero): q - zero is an integer of at
+    most 255 in magnitude, and the float32 product and quotient are off by a few ulps, far from
+    the half-way points where rounding could go wrong."""
     g = g_idx.long()
     return torch.round(Q / scales[g].t()) + zeros[g].t()
 
