@@ -139,19 +139,22 @@ def tensors_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def redo(doc: dict, impls: set[str]) -> None:
-    """Forget the runs (and their scores and runtime checks) of `impls`; the others stay, each with
-    the commit it was measured at. The dropped runs' commits are kept in `redone`."""
-    unknown = impls - {"ours", "ours-rtn", "ours-bnb", "theirs"}
-    if unknown:
-        raise SystemExit(f"--redo: unknown implementation(s) {', '.join(sorted(unknown))}")
+def redo(doc: dict, names: set[str], why: str = "") -> None:
+    """Forget the runs (and their scores and runtime checks) of the implementations or run ids
+    `names`; the others stay, each with the commit it was measured at. What was dropped, with
+    its commit and timing, is kept in `redone`."""
     runs = doc.get("runs", {})
-    dropped = {rid: run.get("commit") for rid, run in runs.items() if run.get("impl") in impls}
+    unknown = names - {"ours", "ours-rtn", "ours-bnb", "theirs"} - set(runs)
+    if unknown:
+        raise SystemExit(f"--redo: {', '.join(sorted(unknown))}: neither an implementation (ours, ours-rtn, ours-bnb, "
+                         f"theirs) nor a run in the results file")
+    dropped = {rid: {k: run.get(k) for k in ("commit", "wall_s", "peak_rss_mib", "load1_start", "load1_end")}
+               for rid, run in runs.items() if run.get("impl") in names or rid in names}
     for rid in dropped:
         runs.pop(rid)
         doc.get("scores", {}).pop(rid, None)
         doc.get("runtime_check", {}).pop(rid, None)
-    doc.setdefault("redone", []).append({"impls": sorted(impls), "runs": dropped,
+    doc.setdefault("redone", []).append({"redo": sorted(names), "why": why, "runs": dropped,
                                          "at": dt.datetime.now().isoformat(timespec="seconds")})
 
 
@@ -423,13 +426,15 @@ def main() -> None:
     ap.add_argument("--runtime-check", nargs="*", default=["4b-g128-ours-1", "4b-g128-theirs-1", "bnb-nf4"],
                     help="runs whose dense scores are checked against the real runtime kernels")
     ap.add_argument("--runtime-check-tokens", type=int, default=1024)
-    ap.add_argument("--redo", default="", help="comma list of implementations (ours, ours-rtn, ours-bnb, theirs) whose "
-                    "runs and scores are dropped from --out and measured again, e.g. after a change to our solver")
+    ap.add_argument("--redo", default="", help="comma list of implementations (ours, ours-rtn, ours-bnb, theirs) or run "
+                    "ids whose runs and scores are dropped from --out and measured again, e.g. after a change to our "
+                    "solver, or a run whose timing another job disturbed")
+    ap.add_argument("--redo-why", default="", help="the reason, recorded with the dropped runs")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     doc = load_doc(args.out)
     if args.redo:
-        redo(doc, set(args.redo.split(",")))
+        redo(doc, set(args.redo.split(",")), args.redo_why)
     doc["protocol"] = {
         "model": args.model, "calibration": {"source": "bundled set (solar-quant calibrate defaults: solar template, "
                                              "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,
