@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import typer
 
@@ -31,15 +32,38 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from solar_quant.signals import EXIT_CODE, STOP_SIGNALS, interrupt_message
 
+    code = 0
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:  # a signal that lands outside a command body (parsing, or while exiting)
         from solar_quant.cli.errors import report
 
         report(interrupt_message())
-        raise SystemExit(EXIT_CODE) from None
+        code = EXIT_CODE
+    except SystemExit as e:
+        code = e.code
     finally:
         # The command is over and its exit code decided: a signal during interpreter shutdown
         # must not turn that into death by signal.
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+    if code == EXIT_CODE:
+        _exit_interrupted()
+    raise SystemExit(code)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 without returning through the interpreter's main. CPython 3.11 marks a
+    KeyboardInterrupt as unhandled whenever one escapes code run through `PyRun_String` (C
+    extensions evaluating Python, e.g. during an import), even when our handlers catch it later,
+    and then ends the process by SIGINT instead of with our exit code (`_Py_UnhandledKeyboardInterrupt`,
+    read after the main module returns; seen in about one of six interrupts during start-up).
+    Everything of ours is closed by now; only the standard streams need a flush."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    from solar_quant.signals import EXIT_CODE
+
+    os._exit(EXIT_CODE)
