@@ -1,5 +1,6 @@
-"""Helpers shared by the GPTQ pipeline and runtime tests: calibration from local text, truncated
-copies of a checkpoint, and the fp32 reference model built from a GPTQ folder's own tensors."""
+"""Helpers shared by the GPTQ tests: synthetic weights and correlated activations, calibration
+from local text, truncated copies of a checkpoint, and the fp32 reference model built from a GPTQ
+folder's own tensors."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ import torch
 CALIB_MODULES = ("subprocess", "argparse", "json", "logging", "collections", "threading", "asyncio", "email",
                  "http.client", "unittest", "decimal", "fractions")
 HELDOUT_MODULES = ("datetime", "pathlib", "tarfile", "zipfile", "shutil", "random", "statistics", "textwrap")
+
+
+def synthetic_inputs(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
+    """Activations with correlated features and unequal scales, like a transformer's."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=g) * 0.3 + torch.eye(columns)
+    feature_scale = torch.exp(torch.randn(columns, generator=g) * 0.5)
+    return (torch.randn(rows, columns, generator=g) @ mixing) * feature_scale
+
+
+def synthetic_weight(rows: int, columns: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
 def stdlib_text(modules=CALIB_MODULES) -> str:

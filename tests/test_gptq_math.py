@@ -12,19 +12,17 @@ from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize
 from solar_quant.methods.grid import QuantSpec, dequantize, group_params, quantize
 from solar_quant.methods.rtn import rtn_quantize
 
+from gptq_helpers import synthetic_inputs, synthetic_weight
+
 N, K = 64, 200  # K is not a multiple of 32, 64 or 128: every grouped case has a partial last group
 
 
 def correlated_inputs(rows: int = 2048, columns: int = K, seed: int = 0) -> torch.Tensor:
-    """Activations with correlated features and unequal scales, like a transformer's."""
-    g = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=g) * 0.3 + torch.eye(columns)
-    feature_scale = torch.exp(torch.randn(columns, generator=g) * 0.5)
-    return (torch.randn(rows, columns, generator=g) @ mixing) * feature_scale
+    return synthetic_inputs(rows, columns, seed)
 
 
 def weight(seed: int = 1, rows: int = N, columns: int = K) -> torch.Tensor:
-    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return synthetic_weight(rows, columns, seed)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,13 @@ from torch import nn
 from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize
 from solar_quant.methods.grid import QuantSpec
 
+from gptq_helpers import synthetic_inputs, synthetic_weight
+
 N, K, T = 96, 320, 2048  # K = 2.5 groups of 128: a partial last group, as SmolLM2's 576
 
 
 def _problem():
-    g = torch.Generator().manual_seed(1)
-    W = torch.randn(N, K, generator=g) * 0.02
-    mix = torch.eye(K) + 0.3 * torch.randn(K, K, generator=g) / K**0.5  # correlated inputs
-    X = torch.randn(T, K, generator=g) @ mix
-    return W, X
+    return synthetic_weight(N, K), synthetic_inputs(T, K)
 
 
 def _gptqmodel_codes(W, X, bits, group_size, act_order, sym, mse):

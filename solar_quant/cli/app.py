@@ -48,12 +48,12 @@ def main() -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
     if code == EXIT_CODE:
-        _exit_interrupted()
+        _exit_now(code)
     raise SystemExit(code)
 
 
-def _exit_interrupted() -> None:
-    """Exit 130 without returning through the interpreter's main. CPython 3.11 marks a
+def _exit_now(code: int) -> None:
+    """Exit with `code` without returning through the interpreter's main. CPython 3.11 marks a
     KeyboardInterrupt as unhandled whenever one escapes code run through `PyRun_String` (C
     extensions evaluating Python, e.g. during an import), even when our handlers catch it later,
     and then ends the process by SIGINT instead of with our exit code (`_Py_UnhandledKeyboardInterrupt`,
@@ -64,6 +64,4 @@ def _exit_interrupted() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
-    from solar_quant.signals import EXIT_CODE
-
-    os._exit(EXIT_CODE)
+    os._exit(code)
