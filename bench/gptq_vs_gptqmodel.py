@@ -64,14 +64,18 @@ def parse_reps(text: str) -> dict[str, int]:
     return out
 
 
-def schedule(reps: dict[str, int], one_thread: list[str] = ()) -> list[dict]:
-    """Every run in execution order: A B A B ... per config, then the RTN floors and bnb-nf4, then
-    diagnostic runs of ours with one intra-op thread (OMP_NUM_THREADS=1) for the configs named."""
+def schedule(reps: dict[str, int], one_thread: list[str] = (), floors: bool = True) -> list[dict]:
+    """Every run in execution order: A B A B ... per config, then (unless `floors` is off) the RTN
+    floors and bnb-nf4, then diagnostic runs of ours with one intra-op thread (OMP_NUM_THREADS=1)
+    for the configs named."""
     runs = []
     for name, n in reps.items():
         for rep in range(1, n + 1):
             for impl in ("ours", "theirs"):
                 runs.append({"id": f"{name}-{impl}-{rep}", "config": name, "impl": impl, "rep": rep})
+    if not floors:
+        return runs + [{"id": f"{name}-ours-1thread", "config": name, "impl": "ours", "rep": 0,
+                        "env": {"OMP_NUM_THREADS": "1"}} for name in one_thread]
     for bits, mse in sorted({(CONFIGS[n][0], CONFIGS[n][3]) for n in reps} | {(CONFIGS[n][0], 0.0) for n in reps},
                             reverse=True):
         rid = rtn_id(bits, mse)
@@ -176,7 +180,7 @@ def step_calibrate(args, doc) -> None:
 
 def step_quantize(args, doc, save) -> None:
     runs = doc.setdefault("runs", {})
-    for run in schedule(args.reps, args.one_thread):
+    for run in schedule(args.reps, args.one_thread, floors=not args.no_floors):
         if run["id"] in runs:
             continue
         quiet = benchlib.wait_for_quiet(args.quiet_load, args.max_wait, log=lambda m: print(m, flush=True))
@@ -418,6 +422,8 @@ def main() -> None:
     ap.add_argument("--reps", type=parse_reps, default=parse_reps("4b-g128=3,4b-g128-act=1,3b-g128=1"))
     ap.add_argument("--one-thread", nargs="*", default=["4b-g128"],
                     help="configs also run (once, after the pairs) as ours with OMP_NUM_THREADS=1, a diagnostic")
+    ap.add_argument("--no-floors", action="store_true",
+                    help="skip the RTN floors and bnb-nf4 (a quality-only draw of the peer pairs)")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--quiet-load", type=float, default=2.5)
