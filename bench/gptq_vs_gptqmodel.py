@@ -73,14 +73,12 @@ def schedule(reps: dict[str, int], one_thread: list[str] = (), floors: bool = Tr
         for rep in range(1, n + 1):
             for impl in ("ours", "theirs"):
                 runs.append({"id": f"{name}-{impl}-{rep}", "config": name, "impl": impl, "rep": rep})
-    if not floors:
-        return runs + [{"id": f"{name}-ours-1thread", "config": name, "impl": "ours", "rep": 0,
-                        "env": {"OMP_NUM_THREADS": "1"}} for name in one_thread]
-    for bits, mse in sorted({(CONFIGS[n][0], CONFIGS[n][3]) for n in reps} | {(CONFIGS[n][0], 0.0) for n in reps},
-                            reverse=True):
-        rid = rtn_id(bits, mse)
-        runs.append({"id": rid, "config": rid, "impl": "ours-rtn", "rep": 1, "bits": bits, "mse": mse})
-    runs.append({"id": "bnb-nf4", "config": "bnb-nf4", "impl": "ours-bnb", "rep": 1})
+    if floors:
+        for bits, mse in sorted({(CONFIGS[n][0], CONFIGS[n][3]) for n in reps} | {(CONFIGS[n][0], 0.0) for n in reps},
+                                reverse=True):
+            rid = rtn_id(bits, mse)
+            runs.append({"id": rid, "config": rid, "impl": "ours-rtn", "rep": 1, "bits": bits, "mse": mse})
+        runs.append({"id": "bnb-nf4", "config": "bnb-nf4", "impl": "ours-bnb", "rep": 1})
     for name in one_thread:
         runs.append({"id": f"{name}-ours-1thread", "config": name, "impl": "ours", "rep": 0,
                      "env": {"OMP_NUM_THREADS": "1"}})
