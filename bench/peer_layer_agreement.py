@@ -59,8 +59,9 @@ def compare(ref: Path, other: Path, bits: int) -> list[dict]:
     with safe_open(str(ref / "model.safetensors"), "pt") as fa, safe_open(str(other / "model.safetensors"), "pt") as fb:
         for (layer, name), prefix in sorted(linears.items()):
             a, b = load_linear(fa, prefix), load_linear(fb, prefix)
-            ca, cb = gptq_v1.unpack(a, bits)[0], gptq_v1.unpack(b, bits)[0]
-            wa, wb = gptq_v1.dequantize(a, bits), gptq_v1.dequantize(b, bits)
+            pa, pb = gptq_v1.unpack(a, bits), gptq_v1.unpack(b, bits)
+            ca, cb = pa[0], pb[0]
+            wa, wb = gptq_v1.dequantize_unpacked(*pa), gptq_v1.dequantize_unpacked(*pb)
             r = rows.setdefault(layer, {"layer": layer, "equal": 0, "codes": 0, "diff2": 0.0, "norm2": 0.0,
                                         "per_linear": {}})
             eq = int((ca == cb).sum())

@@ -57,7 +57,11 @@ def unpack(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tenso
 
 def dequantize(tensors: dict[str, Tensor], bits: int) -> Tensor:
     """float32 [N, K] weight from the packed tensors alone, as a runtime computes it."""
-    intweight, zeros, scales, g_idx = unpack(tensors, bits)
+    return dequantize_unpacked(*unpack(tensors, bits))
+
+
+def dequantize_unpacked(intweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor) -> Tensor:
+    """`dequantize` from what `unpack` returns."""
     g = g_idx.long()
     return scales.to(torch.float32)[g].t() * (intweight - zeros[g].t()).to(torch.float32)
 
