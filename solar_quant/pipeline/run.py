@@ -111,14 +111,11 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
         return final
     output = OutputOptions(shard_size=parse_size(v.shard_size, "shard_size"), rope_scaling=v.rope_scaling, overwrite=overwrite)
     log(f"[run] {v.name}: quantizing with {v.quantize.method}")
-    if v.quantize.method.startswith("bnb-"):
-        from solar_quant.pipeline.bnb import build_bnb_variant
+    from solar_quant import registry
 
-        return build_bnb_variant(str(model_path), str(final), v.quantize, output, log=log)
-    from solar_quant.pipeline.gptq import build_gptq_variant
-
-    return build_gptq_variant(str(model_path), str(final), v.quantize, calib if v.quantize.method == "gptq" else None,
-                              output, device=recipe.device, resume=resume, log=log)
+    entry = registry.method(v.quantize.method)
+    return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration else None, output,
+                       device=recipe.device, resume=resume, log=log)
 
 
 def _verify(path: Path, source: Path, log) -> None:
