@@ -21,7 +21,6 @@ Reads tensors one at a time (memory-mapped); only the sampled layers are de-quan
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -8,7 +8,6 @@ model's dynamic NTK scaling starts where a short training window would have ende
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
