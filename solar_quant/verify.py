@@ -20,7 +20,6 @@ Reads tensors one at a time (memory-mapped); only the sampled layers are de-quan
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +30,10 @@ from solar_quant.architecture import LlamaShape, is_linear_weight
 from solar_quant.checkpoint.manifest import check_manifest
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.errors import InputError, SolarQuantError
+from solar_quant.formats.checks import RECORD, read_json
 from solar_quant.formats.sizes import linear_tensor_specs
 from solar_quant.registry import Variant
 
-RECORD = "solar_quant.json"
 DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
@@ -86,21 +85,6 @@ def verify_variant(path: str | Path, source: str | Path | None = None, *, sample
 
 
 # -- config ---------------------------------------------------------------------------------
-def read_json(path: Path, findings: list[str]) -> dict | None:
-    if not path.is_file():
-        findings.append(f"{path}: missing")
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        findings.append(f"{path}: not valid JSON ({e})")
-        return None
-    if not isinstance(doc, dict):
-        findings.append(f"{path}: must hold a JSON object")
-        return None
-    return doc
-
-
 def _config(folder: Path, findings: list[str]) -> dict | None:
     return read_json(folder / "config.json", findings)
 
@@ -259,10 +243,6 @@ def _compare_exact(reader: CheckpointReader, src: CheckpointReader, name: str) -
     return []
 
 
-def rel_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((approx - exact).norm() / exact.norm().clamp_min(1e-30))
-
-
 def _compare_linear(reader, src, module: str, layout: Layout, record: dict, layer: int, local: str) -> list[str]:
     compare = layout.entry.compare_linear
     if compare is None:
@@ -270,15 +250,6 @@ def _compare_linear(reader, src, module: str, layout: Layout, record: dict, laye
     W = src.get(f"{module}.weight").to(torch.float32)
     where = reader.path / reader.info(f"{module}.{next(iter(linear_tensor_specs(layout.variant, 1, 1)))}").shard
     return compare(reader, src, module, layout.variant, record, layer, local, W, where)
-
-
-def recorded_error(record: dict, layer: int, local: str) -> float | None:
-    """The rel_weight_error solar_quant.json records for one Linear."""
-    for entry in record.get("layers") or []:
-        if isinstance(entry, dict) and entry.get("layer") == layer:
-            value = ((entry.get("linears") or {}).get(local) or {}).get("rel_weight_error")
-            return float(value) if isinstance(value, (int, float)) else None
-    return None
 
 
 __all__ = ["verify_variant", "check_rope", "expected_tensors", "sample_layers", "compare_with_source", "Layout"]

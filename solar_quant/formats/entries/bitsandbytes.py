@@ -174,7 +174,7 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
     from solar_quant.formats import bnb as fmt
     from solar_quant.options import BnbOptions
     from solar_quant.pipeline.bnb import STORE_DTYPE, quantize_weight
-    from solar_quant.verify import rel_error
+    from solar_quant.formats.checks import rel_error
 
     tensors = {n: reader.get(n) for n in reader.tensors if n.startswith(f"{module}.")}
     stored = fmt.dequantize_linear(fmt.linear_parts(module, tensors))

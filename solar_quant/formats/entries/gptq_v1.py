@@ -53,7 +53,7 @@ def parse_variant(t: str, text: str, flag: str) -> Variant | None:
 
 # -- config (verify) ---------------------------------------------------------------------------
 def variant_from_config(folder: Path, q: dict, findings: list[str]) -> Variant | None:
-    from solar_quant.verify import read_json
+    from solar_quant.formats.checks import read_json
 
     where = folder / "config.json"
     other = read_json(folder / CONFIG_FILE, findings)
@@ -135,7 +135,7 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
                    where: Path) -> list[str]:
     """The de-quantized weight's error against the source equals the one recorded at quantization time."""
     from solar_quant.formats.gptq_v1 import dequantize
-    from solar_quant.verify import RECORD, recorded_error, rel_error
+    from solar_quant.formats.checks import RECORD, recorded_error, rel_error
 
     parts = {k: reader.get(f"{module}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
     error = rel_error(dequantize(parts, variant.bits), W)
