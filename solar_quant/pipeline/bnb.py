@@ -25,7 +25,7 @@ from solar_quant.options import BnbOptions, OutputOptions
 from solar_quant.rope import RopeScaling
 from solar_quant.variant import copy_side_files, tool_record, variant_config
 
-STORE_DTYPE = torch.float16  # transformers loads the source in fp16 before quantizing; so do we
+STORE_DTYPE = method.STORE_DTYPE
 
 
 def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output: OutputOptions,
@@ -96,9 +96,7 @@ def _write_tensors(reader: CheckpointReader, staged: StagedFolder, bnb: BnbOptio
 
 def quantize_weight(weight: torch.Tensor, bnb: BnbOptions, device: str = "cpu") -> dict[str, torch.Tensor]:
     """One Linear weight -> the module-relative tensors bitsandbytes serializes for it."""
-    if bnb.method == "bnb-int8":
-        return method.quantize_int8(weight, device=device)
-    return method.quantize_4bit(weight, bnb.method.removeprefix("bnb-"), bnb.double_quant, device=device)
+    return method.quantize_linear(weight, bnb.method, bnb.double_quant, device=device)
 
 
 def _quantizes(name: str, reader: CheckpointReader, bnb: BnbOptions) -> bool:

@@ -65,7 +65,7 @@ def quantize(
                     skip_modules=tuple(skip_modules or ("lm_head",)))
         path = build_bnb_variant(src, out, bnb, output)
     elif method in GPTQ_METHODS:
-        from solar_quant.calibration.artifact import calibration_from_cli
+        from solar_quant.calibration.build import calibration_from_cli
         from solar_quant.options import GptqOptions
         from solar_quant.pipeline.gptq import build_gptq_variant
 
