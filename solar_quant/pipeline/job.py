@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from solar_quant.checkpoint.writer import ShardedWriter, atomic_write_bytes, write_single_tensor
-from solar_quant.errors import OptionError, OutputError
+from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder, atomic_write_bytes, write_single_tensor
+from solar_quant.errors import Interrupted, OptionError, OutputError
 
 JOB_DIR = ".job"
 JOB_FILE = "job.json"
@@ -100,3 +100,49 @@ class Job:
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def job_spec(options: dict, source_sha256: str, calibration_sha256: str | None) -> dict:
+    """What a resumed job must match: the recorded options and the identities of its inputs."""
+    return {"options": options, "inputs": {"source": source_sha256, "calibration": calibration_sha256}}
+
+
+def open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
+    """The job to run in `staged`: a new one, or with `resume` the interrupted one (its spec checked)."""
+    job = Job.load(staged.staging) if resume else None
+    if job is None:
+        if resume:
+            log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
+            staged.abandon()  # whatever a job-less staging folder holds is not ours to continue from
+            staged.staging.mkdir(parents=True)
+        return Job(staged.staging, spec)
+    job.check_matches(spec)
+    log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
+    return job
+
+
+def save_progress(job: Job, writer: ShardedWriter, hidden, layers_done: int) -> None:
+    """A resume point: the states entering layer `layers_done` (if any), then job.json, then
+    the previous states removed."""
+    # states kept on a GPU are saved in their compute dtype (fp16: half the bytes, the same values)
+    name = job.save_hidden(layers_done, hidden.cpu()) if hidden is not None else None
+    job.layers_done, job.writer_state, job.hidden_file = layers_done, writer.state(), name
+    job.save()
+    job.drop_hidden_except(name)
+
+
+def has_saved_job(staged: StagedFolder) -> bool:
+    return (staged.staging / JOB_DIR / JOB_FILE).is_file()
+
+
+def interrupted(staged: StagedFolder, job: Job, layers: int) -> Interrupted:
+    """The one line an interrupted run ends with; a staging folder without a saved job is removed."""
+    if not staged.staging.exists() and staged.final.is_dir():  # the signal came as the commit finished
+        return Interrupted(f"interrupted after {staged.final} was complete; it is kept (check it with "
+                           f"`solar-quant verify {staged.final}`)")
+    if not (job.dir / JOB_FILE).is_file():
+        staged.abandon()
+        return Interrupted(f"interrupted before the first layer was saved; nothing was left under {staged.final}; "
+                           "rerun the same command to start again")
+    return Interrupted(f"interrupted; {job.layers_done}/{layers} layers are saved and the job is kept in "
+                       f"{staged.staging}: rerun the same command with --resume to continue")
