@@ -126,6 +126,8 @@ class MethodEntry:
     host_memory: Callable[..., int]  # (shape, nsamples, seqlen) -> peak host bytes while quantizing
     time_range: Callable[..., tuple[float, float]]  # (shape, nsamples, seqlen, device, source_bytes) -> s
     needs_calibration: bool = False
+    uses_device: bool = True  # the builder runs on --device (checked before any work)
+    check_options: Callable[[Any], None] | None = None  # option checks pydantic cannot make alone, before any work
     streams: str = "decoder layer"  # what the builder holds at a time (the card says so)
     parse_variant: Callable[[str, str, str], Variant | None] | None = None  # plan names of its own
     variant_forms: str = ""

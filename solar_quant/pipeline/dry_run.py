@@ -10,6 +10,7 @@ from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 from solar_quant.errors import InputError
+from solar_quant.memory import quantize_host_bytes
 from solar_quant.recipe import Recipe, load_recipe
 
 # Effective GPTQ throughput, in (6 x calibration tokens x linear parameters) per second, with
@@ -39,17 +40,6 @@ def _shape(recipe: Recipe, model: str | None) -> tuple[LlamaShape, str]:
     raise InputError(f"model path {path} not found and the recipe names no preset; pass --model PATH")
 
 
-def largest_tensor_bytes(shape: LlamaShape) -> int:
-    """fp16 bytes of the largest tensor: the embedding or the largest Linear."""
-    linears = shape.linear_shapes()
-    return max(shape.vocab * shape.hidden, max(o * i for o, i in linears.values())) * 2
-
-
-def layer_fp32_bytes(shape: LlamaShape) -> int:
-    """One decoder layer's Linear weights in fp32."""
-    return sum(o * i for o, i in shape.linear_shapes().values()) * 4
-
-
 def io_seconds(source_bytes: int) -> float:
     """Reading the 16-bit shards and writing the outputs."""
     return 2 * source_bytes / DISK_BYTES_PER_S
@@ -57,12 +47,11 @@ def io_seconds(source_bytes: int) -> float:
 
 def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
     """Peak host memory of the streaming quantizer (excluding the Python/torch baseline): the method's own estimate."""
-    from solar_quant import registry
-
-    return registry.method(method).host_memory(shape, nsamples, seqlen)
+    return quantize_host_bytes(shape, method, nsamples, seqlen)
 
 
 def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+    """The method's own wall-time range (its entry's `time_range`)."""
     from solar_quant import registry
 
     return registry.method(method).time_range(shape, nsamples, seqlen, device, source_bytes)

@@ -47,11 +47,7 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
     model_path = resolve_model(recipe, model)
     if model_path is None:
         raise OutputError(f"{recipe_path}: model.path is not set; pass --model PATH to the 16-bit checkpoint")
-    from solar_quant.checkpoint.reader import CheckpointReader
-
-    reader = CheckpointReader(model_path)
-    reader.require_llama()
-    reader.require_unquantized()
+    _preflight(recipe, model_path)
     root = Path(out or Path("out") / recipe.name)
     result = RunResult(root)
     _check_outputs(root, recipe, resume, overwrite)
@@ -81,6 +77,24 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
         "summary": result.summary, "gate_failure": result.gate_failure,
         "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     return result
+
+
+def _preflight(recipe: Recipe, model_path: Path) -> None:
+    """Every refusal the source, the device and the variants' options allow before any work:
+    nothing is created and no calibration set is built before these pass."""
+    from solar_quant.pipeline.preflight import check_source
+
+    from solar_quant import registry
+
+    check_source(model_path)
+    entries = [registry.method(v.quantize.method) for v in recipe.variants]
+    if any(e.uses_device for e in entries):
+        from solar_quant.devices import resolve_device
+
+        resolve_device(recipe.device)
+    for v, entry in zip(recipe.variants, entries):  # rope_scaling and shard_size are checked when the recipe loads
+        if entry.check_options is not None:
+            entry.check_options(v.quantize)
 
 
 def _check_outputs(root: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:

@@ -74,14 +74,24 @@ def quantize(
                  group_size=group_size, act_order=act_order, static_groups=static_groups, sym=sym, damp=damp, mse=mse,
                  block_size=block_size)
     options = build(entry.options, **entry.cli_options(flags))
+    if entry.uses_device:
+        _preflight(src, out, output, device)  # before any calibration set is built
     calib = None
     if entry.needs_calibration:
-        from solar_quant.calibration.artifact import calibration_from_cli
+        from solar_quant.calibration.build import calibration_from_cli
 
         calib = calibration_from_cli(src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen,
                                      seed=seed, short=short)
     path = entry.build(src, out, options, calib, output, device=device, resume=resume, log=progress.log)
     typer.echo(str(path))
+
+
+def _preflight(src: str, out: str, output, device: str) -> None:
+    from solar_quant.devices import resolve_device
+    from solar_quant.pipeline.preflight import check_source
+
+    resolve_device(device)
+    check_source(src, out, rope_scaling=output.rope_scaling, overwrite=output.overwrite)
 
 
 def register(app: typer.Typer) -> None:

@@ -172,14 +172,12 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
                    where: Path) -> list[str]:
     """The stored weight is no worse than a fresh quantization of the same source weight."""
     from solar_quant.formats import bnb as fmt
-    from solar_quant.options import BnbOptions
-    from solar_quant.pipeline.bnb import STORE_DTYPE, quantize_weight
     from solar_quant.formats.checks import rel_error
+    from solar_quant.methods.bnb import STORE_DTYPE, quantize_linear
 
     tensors = {n: reader.get(n) for n in reader.tensors if n.startswith(f"{module}.")}
     stored = fmt.dequantize_linear(fmt.linear_parts(module, tensors))
-    opts = BnbOptions(method=variant.kind, double_quant=variant.double_quant)
-    fresh = fmt.dequantize_linear(quantize_weight(W.to(STORE_DTYPE), opts))
+    fresh = fmt.dequantize_linear(quantize_linear(W.to(STORE_DTYPE), variant.kind, variant.double_quant))
     error, fresh_error = rel_error(stored, W), rel_error(fresh, W)
     if error > ERROR_SLACK * fresh_error + 1e-6:
         return [f"{where}: {module}: de-quantized weight has relative error {error:.6g} against the source, a fresh "

@@ -14,6 +14,12 @@ def build(src, out, options: BnbOptions, calib, output, *, device: str = "cpu", 
     return build_bnb_variant(src, out, options, output, log=log or progress.log)
 
 
+def check_options(options: BnbOptions) -> None:
+    from solar_quant.pipeline.bnb import check_options
+
+    check_options(options)
+
+
 def variant(options: BnbOptions) -> Variant:
     return Variant(options.method, double_quant=options.double_quant, bits=8 if options.method == "bnb-int8" else 4,
                    skip_modules=tuple(options.skip_modules))
@@ -26,7 +32,7 @@ def cli_options(name: str, flags: dict) -> dict:
 
 def host_memory(shape, nsamples: int, seqlen: int) -> int:
     """A few copies of the largest tensor: read, cast, quantized parts, the writer's buffer."""
-    from solar_quant.pipeline.dry_run import largest_tensor_bytes
+    from solar_quant.memory import largest_tensor_bytes
 
     return 4 * largest_tensor_bytes(shape)
 
@@ -52,7 +58,8 @@ def _entry(name: str, summary: str, describe) -> MethodEntry:
     return MethodEntry(
         name=name, options=BnbOptions, format="bitsandbytes", summary=summary, build=build, variant=variant,
         describe=describe, cli_options=lambda flags: cli_options(name, flags), host_memory=host_memory,
-        time_range=time_range, needs_calibration=False, streams="tensor")
+        time_range=time_range, needs_calibration=False, uses_device=False, check_options=check_options,
+        streams="tensor")
 
 
 register_method(_entry("bnb-int8", "bitsandbytes LLM.int8 (8-bit rows with fp32 scales)", _describe_int8))

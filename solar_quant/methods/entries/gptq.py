@@ -35,19 +35,20 @@ def describe_grid(o: dict, name: str) -> str:
 
 def host_memory(shape, nsamples: int, seqlen: int) -> int:
     """One layer in fp32, the calibration activations entering and leaving it, two Hessians."""
-    from solar_quant.pipeline.dry_run import largest_tensor_bytes, layer_fp32_bytes
+    from solar_quant.memory import FP32, calibration_activation_bytes, largest_tensor_bytes, linear_params
 
-    acts = 2 * nsamples * seqlen * shape.hidden * 4  # layer inputs and outputs, fp32
-    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * 4
-    return layer_fp32_bytes(shape) + acts + hessians + 2 * largest_tensor_bytes(shape)
+    acts = calibration_activation_bytes(nsamples, seqlen, shape.hidden, FP32)  # layer inputs and outputs
+    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * FP32
+    return linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
 
 
 def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
     """Throughput measured in bench/ (see pipeline/dry_run.py), plus reading and writing the shards."""
+    from solar_quant.memory import linear_params
     from solar_quant.pipeline.dry_run import CPU_TOKEN_PARAM_PER_S, GPU_TOKEN_PARAM_PER_S, io_seconds
 
     io = io_seconds(source_bytes)
-    params = sum(o * i for o, i in shape.linear_shapes().values()) * shape.layers
+    params = linear_params(shape) * shape.layers
     rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
     compute = 6 * nsamples * seqlen * params / rate
     return 0.5 * compute + io, 1.5 * compute + 2 * io

@@ -14,9 +14,9 @@ def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu",
 
 def host_memory(shape, nsamples: int, seqlen: int) -> int:
     """One layer in fp32 and two copies of the largest tensor; no activations, no Hessians."""
-    from solar_quant.pipeline.dry_run import largest_tensor_bytes, layer_fp32_bytes
+    from solar_quant.memory import FP32, largest_tensor_bytes, linear_params
 
-    return layer_fp32_bytes(shape) + 2 * largest_tensor_bytes(shape)
+    return linear_params(shape) * FP32 + 2 * largest_tensor_bytes(shape)
 
 
 def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
