@@ -104,8 +104,9 @@ class FormatEntry:
     plan_defaults: tuple[str, ...] = ()
     load_kwargs: Callable[..., dict] | None = None  # eval: (qcfg, device, config) -> from_pretrained kwargs
     after_load: Callable[..., list[str]] | None = None  # eval: (model, device, dtype) -> notes
-    require_runtime: Callable[[], None] | None = None  # eval: raise DependencyError when missing
-    install_hint: str = ""  # eval: appended to an ImportError while loading
+    title: str = ""  # how messages name the format ("GPTQ")
+    load_requires: tuple[str, ...] = ()  # eval: packages transformers needs to load such a folder
+    install_command: str = ""  # eval: what installs them
     card_install: str = ""  # the card's pip line
     card_serving: Callable[[dict], str] | None = None  # the card's "Serve it" text from the card's variant dict
     card_loading_note: Callable[[dict], str] | None = None

@@ -8,6 +8,7 @@ model's dynamic NTK scaling starts where a short training window would have ende
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -108,9 +109,16 @@ def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_
 
 def require_runtime(path: str | Path) -> None:
     """Raise DependencyError when the packages that load the folder's format are missing."""
-    fmt = _format(CheckpointReader(path))
-    if fmt.require_runtime is not None:
-        fmt.require_runtime()
+    _require_packages(_format(CheckpointReader(path)))
+
+
+def _require_packages(fmt) -> None:
+    for package in fmt.load_requires:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise DependencyError(f"loading a {fmt.title or fmt.name} folder needs {' and '.join(fmt.load_requires)}, "
+                                  f"and {package} is not importable; run `{fmt.install_command}`") from None
 
 
 def _format(reader: CheckpointReader):
@@ -155,6 +163,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
     rope = apply_rope_override(config, rope_override, trained_length)
     kwargs: dict = {"config": config, "dtype": dtype}
     notes = []
+    _require_packages(fmt)
     if fmt.load_kwargs is not None:
         kwargs.update(fmt.load_kwargs(reader.config["quantization_config"], device, config))
     device_map = read_device_map(device_map)
@@ -165,7 +174,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as e:
-        raise DependencyError(f"{path}: cannot load ({str(e).splitlines()[0]}){fmt.install_hint}") from None
+        raise DependencyError(f"{path}: cannot load ({str(e).splitlines()[0]}){f'; run `{fmt.install_command}`' if fmt.install_command else ''}") from None
     if device_map is None and not fmt.quantized:
         model.to(device)
     if fmt.after_load is not None:

@@ -149,25 +149,11 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
 
 
 # -- loading (eval) ----------------------------------------------------------------------------
-def require_runtime() -> None:
-    import importlib
-
-    from solar_quant.errors import DependencyError
-
-    for package in ("optimum", "gptqmodel"):
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            raise DependencyError(f"loading a GPTQ folder needs optimum and gptqmodel, and {package} is not "
-                                  f"importable; run `{GPTQ_EXTRA}`") from None
-
-
 def load_kwargs(qcfg: dict, device, config) -> dict:
     """A `GPTQConfig` whose kernel runs here: CPU kernels (and Marlin on GPU) need K % group_size == 0;
     the torch kernel handles the rest."""
     from transformers import GPTQConfig
 
-    require_runtime()
     group = int(qcfg.get("group_size", 128))
     kwargs = dict(bits=int(qcfg["bits"]), group_size=group, desc_act=bool(qcfg.get("desc_act", False)),
                   sym=bool(qcfg.get("sym", True)))
@@ -213,8 +199,9 @@ register_format(FormatEntry(
     variant_forms="gptq-<2|3|4|8>b-g<size|none>[-act]",
     plan_defaults=tuple(f"gptq-{b}b-g{g}" for b in (8, 4, 3) for g in (32, 64, 128, "none")),
     load_kwargs=load_kwargs,
-    require_runtime=require_runtime,
-    install_hint=f"; run `{GPTQ_EXTRA}`",
+    title="GPTQ",
+    load_requires=("optimum", "gptqmodel"),
+    install_command=GPTQ_EXTRA,
     card_install="pip install 'transformers>=5.24' accelerate optimum gptqmodel",
     card_serving=card_serving,
     card_loading_note=card_loading_note,
