@@ -109,9 +109,12 @@ def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_
 
 
 def require_gptq_runtime() -> None:
+    """Import optimum and GPTQModel (quietly, environment restored: `import_gptq_runtime`)."""
+    from solar_quant.formats.gptq_runtime import import_gptq_runtime
+
     for package in ("optimum", "gptqmodel"):
         try:
-            importlib.import_module(package)
+            importlib.import_module(package) if package == "optimum" else import_gptq_runtime()
         except ImportError:
             raise DependencyError(f"loading a GPTQ folder needs optimum and gptqmodel, and {package} is not "
                                   f"importable; run `{GPTQ_EXTRA}`") from None
@@ -180,6 +183,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
         model.to(device)
     if method == "bitsandbytes" and device.type == "cpu":
         notes += _bnb_cpu_compute(model, dtype)
+    if method == "gptq" and device.type == "cpu":
+        notes += gptq_cpu_dequantize_once(model)
     model.eval()
     return LoadedModel(model, str(path), method, rope, time.monotonic() - start, notes)
 
@@ -209,6 +214,26 @@ def _bnb_cpu_compute(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
         notes.append("bnb int8 layers cast their inputs to float16 for the int8 matmul (as bitsandbytes does)")
     return notes + ([f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel"]
                     if unpacked else [])
+
+
+def gptq_cpu_dequantize_once(model: torch.nn.Module) -> list[str]:
+    """On CPU, let each GPTQ linear dequantize its weight once and keep it, instead of on every forward.
+
+    GPTQModel's torch kernel wraps every layer's `dequantize_weight` in its own `torch.compile`
+    (a bound method per instance): dynamo compiles the first 8 (a C++ build each on the CPU), then
+    hits its recompile limit, warns, and runs the rest eagerly, and every forward dequantizes all
+    weights again. The kernel's own weight cache keeps the tensor its dequantization returns, so
+    the logits are the same bits; the cost is a dense copy of the linears in the compute dtype
+    (`evaluate.memory` counts it)."""
+    count = 0
+    for module in model.modules():
+        if not (callable(getattr(module, "enable_weight_cache", None)) and hasattr(module, "qweight")):
+            continue
+        module.__dict__.pop("dequantize_weight", None)  # the per-instance compiled wrapper; the class method stays
+        module.enable_weight_cache(True)
+        count += 1
+    return [f"{count} GPTQ linear(s) on cpu dequantize once and keep the result (same logits; no per-layer torch.compile)"] \
+        if count else []
 
 
 def release() -> None:

@@ -9,12 +9,42 @@ handles partial groups everywhere. Eval, verify and the tests all load through
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import os
+import sys
 from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 
 SAFE_BACKEND = "gptq_torch"
+RUNTIME_PACKAGES = ("optimum", "gptqmodel")
+
+
+def import_gptq_runtime() -> None:
+    """Import optimum and GPTQModel the way the rest of the process expects: GPTQModel prints a
+    banner and INFO lines to stdout on import and sets environment variables for itself
+    (PYTORCH_ALLOC_CONF, CUDA_DEVICE_ORDER, TORCHINDUCTOR_CACHE_DIR, KMP_DUPLICATE_LIB_OK, and
+    through tokenicer HF_HOME / HF_HUB_CACHE / TRANSFORMERS_CACHE pointing into /tmp). Its
+    printing goes to stderr (held back by the CLI unless --verbose) and `os.environ` is put back
+    exactly as it was. Raises ImportError like `import gptqmodel` would."""
+    before = dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            for name in RUNTIME_PACKAGES:
+                importlib.import_module(name)
+    finally:
+        restore_environ(before)
+
+
+def restore_environ(before: dict[str, str]) -> None:
+    """Make `os.environ` equal `before` again (added keys removed, changed ones reset)."""
+    for key in [k for k in os.environ if k not in before]:
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def gptq_settings(path: str | Path) -> dict | None:

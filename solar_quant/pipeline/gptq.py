@@ -340,9 +340,16 @@ def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions, bar, log) -
                     weight.copy_(q.dequant)
                 # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
                 quantized[name] = {k: t.cpu() for k, t in pack(q, gptq.bits).items()}
-                bar.step(f"{layer_prefix(i)}{name} rel. output error {record['linears'][name]['rel_output_error']}")
+                bar.step(_linear_detail(layer_prefix(i) + name, record["linears"][name]))
             del H
     return quantized, record
+
+
+def _linear_detail(name: str, rec: dict) -> str:
+    """Progress detail: the output error where a Hessian measured it (GPTQ), else the weight error (RTN)."""
+    if rec.get("rel_output_error") is not None:
+        return f"{name} rel. output error {rec['rel_output_error']}"
+    return f"{name} rel. weight error {rec['rel_weight_error']}"
 
 
 def collect_hessians(layer, runner, hidden, names: list[str]) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from solar_quant.cli import options as o
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -71,7 +72,7 @@ def eval_(
                  passkey_trials=passkey_trials, passkey_template=passkey_template, device=device, dtype=dtype,
                  device_map=device_map, cache_dir=cache_dir, max_ppl_ratio=max_ppl_ratio, max_kld=max_kld,
                  min_top1=min_top1, max_ppl_ratio_bucket=max_ppl_ratio_bucket, max_kld_bucket=max_kld_bucket)
-    evaluate(baseline, variants, opts, out, show=typer.echo)
+    evaluate(baseline, variants, opts, out, show=console.result)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from solar_quant.cli import options as o
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 BNB_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4")
@@ -78,7 +79,7 @@ def quantize(
         from solar_quant.errors import OptionError
 
         raise OptionError(f"--method {method!r}: expected one of {', '.join(BNB_METHODS + GPTQ_METHODS)}")
-    typer.echo(str(path))
+    console.result(str(path))
 
 
 def register(app: typer.Typer) -> None:

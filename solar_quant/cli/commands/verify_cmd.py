@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -25,10 +26,10 @@ def verify(
         raise OptionError(f"--samples {samples}: must be 0 or more")
     findings = verify_variant(out, source, samples=samples)
     for finding in findings:
-        typer.echo(f"FAIL {finding}")
+        console.result(f"FAIL {finding}")
     if findings:
         raise VerificationError(f"{out}: verify found {len(findings)} problem(s); the first: {findings[0]}")
-    typer.echo(f"OK {out}" + (f" (sampled layers match {source})" if source else ""))
+    console.result(f"OK {out}" + (f" (sampled layers match {source})" if source else ""))
 
 
 def register(app: typer.Typer) -> None:
