@@ -58,28 +58,40 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    calib = _calibration(recipe, model_path, root, resume, log) if recipe.needs_calibration() else None
+    timings: dict = {"wall_s": {}, "cpu_s": {}}  # per stage, as measured by this process
+
+    def timed(stage: str, fn, *args):
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            timings["wall_s"][stage] = round(time.monotonic() - wall, 1)
+            timings["cpu_s"][stage] = round(time.process_time() - cpu, 1)
+
+    calib = timed("calibration", _calibration, recipe, model_path, root, resume, log) \
+        if recipe.needs_calibration() else None
     for v in recipe.variants:
-        result.variants[v.name] = _quantize(recipe, v, model_path, root, calib, resume, overwrite, log)
+        result.variants[v.name] = timed(f"quantize {v.name}", _quantize, recipe, v, model_path, root, calib, resume,
+                                        overwrite, log)
     for name, path in result.variants.items():
-        _verify(path, model_path, log)
+        timed(f"verify {name}", _verify, path, model_path, log)
 
     if recipe.eval is not None:
         from solar_quant.evaluate.run import evaluate
 
         log(f"[run] evaluating {len(result.variants)} variant(s) against {model_path}")
         try:
-            result.report = evaluate(str(model_path), [str(p) for p in result.variants.values()], recipe.eval,
-                                     str(root / "eval"), log=log)
+            result.report = timed("eval", evaluate, str(model_path), [str(p) for p in result.variants.values()],
+                                  recipe.eval, str(root / "eval"), log)
         except GateError as e:
             result.gate_failure = str(e)
             result.report = json.loads((root / "eval" / "report.json").read_text())
-    _write_cards(recipe, Path(recipe_path), model_path, result)
+    timed("cards", _write_cards, recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
     (root / "run.json").write_text(json.dumps({
         "recipe": str(recipe_path), "model": str(model_path), "variants": {k: str(v) for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
-        "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+        "seconds": round(time.monotonic() - started, 1), "timings": timings}, indent=2) + "\n")
     return result
 
 
