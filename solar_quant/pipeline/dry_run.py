@@ -12,12 +12,16 @@ from solar_quant.architecture import LlamaShape
 from solar_quant.errors import InputError
 from solar_quant.recipe import Recipe, load_recipe
 
-# Effective GPTQ throughput, in (6 x calibration tokens x linear parameters) per second, with
-# the Hessians, the solves and the forwards folded in; measured, see bench/README.md:
-# GPU: one 70B layer, 128 x 2048 tokens, 4-bit g128 act-order, 29.5 s on one H200 -> 4.6e13.
-# CPU: SmolLM2-135M, 64 x 512 tokens, 4-bit g128, ~15 min on the 2-core machine under load -> 2.4e10.
-CPU_TOKEN_PARAM_PER_S = 2.4e10
-GPU_TOKEN_PARAM_PER_S = 4.6e13
+# GPTQ time = the layer forwards over the calibration tokens (the Hessian passes and the pass that
+# feeds the next layer) + the solves. Forwards, in token x (layer parameters + 2 x seqlen x hidden,
+# the attention term) per second, all layers; the solves in seconds per quantized parameter. Measured:
+# CPU: SmolLM2-135M layer 0, 32 x 512 tokens, 4-bit g128 act-order + clipping, CPU time of each
+#   stage (bench/README.md): forwards 10.6 s of CPU on 2 threads -> 1.28e10 on an idle 2-core
+#   machine; solve 2.8 s with the clipping search, 0.9-1.1 s without (one thread).
+# GPU: one 70B layer, 128 x 2048 tokens, 4-bit g128 act-order, 29.5 s on one H200, solves included.
+CPU_TOKEN_PARAM_PER_S = 1.28e10
+CPU_SOLVE_S_PER_PARAM = {"clip": 7.9e-7, "plain": 2.9e-7}
+GPU_TOKEN_PARAM_PER_S = 7.9e12
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
 
@@ -53,14 +57,48 @@ def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int
     return layer_fp32 + acts + hessians + 2 * largest
 
 
-def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int,
+                 clip: bool = False) -> tuple[float, float]:
+    """A wall-time range on an idle machine of the kind measured (0.6x-1.6x the point estimate)."""
     io = 2 * source_bytes / DISK_BYTES_PER_S
     if method != "gptq":
         return io, 3 * io
-    params = sum(o * i for o, i in shape.linear_shapes().values()) * shape.layers
-    rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
-    compute = 6 * nsamples * seqlen * params / rate
-    return 0.5 * compute + io, 1.5 * compute + 2 * io
+    layer_params = sum(o * i for o, i in shape.linear_shapes().values())
+    token_params = nsamples * seqlen * shape.layers * (layer_params + 2 * seqlen * shape.hidden)
+    if device.startswith("cuda"):
+        compute = token_params / GPU_TOKEN_PARAM_PER_S
+    else:
+        solve = shape.layers * layer_params * CPU_SOLVE_S_PER_PARAM["clip" if clip else "plain"]
+        compute = token_params / CPU_TOKEN_PARAM_PER_S + solve
+    return 0.6 * compute + io, 1.6 * compute + 2 * io
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f}" if seconds >= 90 else f"{seconds / 60:.1f}"
+
+
+def gptq_time_line(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool) -> str:
+    """The line `quantize --method gptq` and `run` print before GPTQ starts."""
+    lo, hi = time_range_s(shape, "gptq", nsamples, seqlen, device, shape.parameter_count() * 2, clip)
+    return (f"gptq: {nsamples} x {seqlen} calibration tokens, {shape.layers} layers: expected ~{_minutes(lo)}-"
+            f"{_minutes(hi)} min on {device} (estimate for an idle machine; slower on shared cores; time grows "
+            f"with --nsamples x --seqlen)")
+
+
+def log_gptq_estimate(src, calib, device: str, gptq, log=None) -> None:
+    """Print the expected GPTQ time before a run starts (the dry run's estimate, same arithmetic).
+    Silent when the source's config cannot be read: the quantizer itself then reports that."""
+    from solar_quant.checkpoint.reader import CheckpointReader
+    from solar_quant.errors import SolarQuantError
+    from solar_quant.progress import log as default_log
+
+    try:
+        reader = CheckpointReader(src)
+        shape = LlamaShape.from_config(reader.config)
+    except SolarQuantError:
+        return
+    nsamples, seqlen = (int(n) for n in calib.input_ids.shape)
+    (log or default_log)(gptq_time_line(shape, nsamples, seqlen, device, clip=getattr(gptq, "mse", 0) > 0))
 
 
 def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = None) -> str:
@@ -84,10 +122,11 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
         variant = variant_of(q)
         wb = weight_bytes(shape, variant)
         mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen)
-        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes)
+        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes,
+                              clip=getattr(q, "mse", 0) > 0)
         lines.append(f"- {v.name}: {variant.name}, rope {v.rope_scaling}, shards <= {v.shard_size}")
         lines.append(f"    output weights {wb / 1e9:.2f} GB ({wb:,} bytes); host memory while quantizing ~{mem / 1e9:.1f} GB; "
-                     f"time on {recipe.device} ~{lo / 60:.0f}-{hi / 60:.0f} min")
+                     f"time on {recipe.device} ~{_minutes(lo)}-{_minutes(hi)} min")
         fits = [r for r in fit_rows(shape, variant) if r["fits"] != "no"]
         for context in sorted({r["context"] for r in fits}):
             first = next(r for r in fits if r["context"] == context)

@@ -129,6 +129,10 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
         return build_bnb_variant(str(model_path), str(final), v.quantize, output, log=log)
     from solar_quant.pipeline.gptq import build_gptq_variant
 
+    if v.quantize.method == "gptq" and calib is not None:
+        from solar_quant.pipeline.dry_run import log_gptq_estimate
+
+        log_gptq_estimate(model_path, calib, recipe.device, v.quantize, log)
     return build_gptq_variant(str(model_path), str(final), v.quantize, calib if v.quantize.method == "gptq" else None,
                               output, device=recipe.device, resume=resume, log=log)
 

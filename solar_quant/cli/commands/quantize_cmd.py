@@ -74,6 +74,10 @@ def quantize(
                      static_groups=static_groups, sym=sym, damp=damp, mse=mse, block_size=block_size)
         calib = None if method == "rtn" else calibration_from_cli(
             src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen, seed=seed, short=short)
+        if calib is not None:
+            from solar_quant.pipeline.dry_run import log_gptq_estimate
+
+            log_gptq_estimate(src, calib, device, gptq)
         path = build_gptq_variant(src, out, gptq, calib, output, device=device, resume=resume)
     else:
         from solar_quant.errors import OptionError
