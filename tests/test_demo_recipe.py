@@ -31,7 +31,9 @@ def test_estimate_grows_with_the_calibration_tokens(demo_model):
     shape = LlamaShape.from_config(CheckpointReader(demo_model).config)
     small = time_range_s(shape, "gptq", 32, 256, "cpu", 0)
     large = time_range_s(shape, "gptq", 128, 2048, "cpu", 0)
-    clipped = time_range_s(shape, "gptq", 32, 256, "cpu", 0, clip=True)
+    from solar_quant.options import GptqOptions
+
+    clipped = time_range_s(shape, "gptq", 32, 256, "cpu", 0, GptqOptions(method="gptq", mse=2.4))
     assert 0 < small[0] < small[1] and large[0] > 16 * small[0]
     assert clipped[0] > small[0]  # the clipping search costs solve time
     assert time_range_s(shape, "gptq", 128, 2048, "cuda", 0)[1] < large[0]

@@ -45,7 +45,9 @@ def test_dequantize_once_gives_the_kernels_own_logits(gptq_folder, monkeypatch):
     assert torch.equal(first, again)
 
     # the kernel's own path, eager (the compiled wrapper dropped so no C++ build runs here), no cache
-    monkeypatch.setattr(loading, "gptq_cpu_dequantize_once", lambda model: [])
+    from solar_quant.formats import gptq_runtime
+
+    monkeypatch.setattr(gptq_runtime, "dequantize_once", lambda model: [])
     plain = loading.load_model(gptq_folder, torch.device("cpu"), torch.float32)
     for m in _quant_linears(plain.model):
         vars(m).pop("dequantize_weight", None)

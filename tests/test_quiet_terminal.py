@@ -99,8 +99,8 @@ def test_gptq_runtime_import_leaves_os_environ_unchanged():
     and nothing reached stdout."""
     code = ("import os, json\n"
             "before = dict(os.environ)\n"
-            "from solar_quant.evaluate.loading import require_gptq_runtime\n"
-            "require_gptq_runtime()\n"
+            "from solar_quant.formats.entries.gptq_v1 import require_runtime\n"
+            "require_runtime()\n"
             "import sys; assert 'gptqmodel' in sys.modules\n"
             "after = dict(os.environ)\n"
             "sys.stderr.write('DIFF ' + json.dumps(sorted(set(before.items()) ^ set(after.items()))) + '\\n')\n")

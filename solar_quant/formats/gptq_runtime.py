@@ -77,3 +77,23 @@ def from_pretrained_kwargs(path: str | Path) -> dict:
     return {"quantization_config": GPTQConfig(bits=int(q["bits"]), group_size=int(q["group_size"]),
                                               desc_act=bool(q.get("desc_act", False)), sym=bool(q.get("sym", True)),
                                               backend=SAFE_BACKEND)}
+
+
+def dequantize_once(model) -> list[str]:
+    """On CPU, let each GPTQ linear dequantize its weight once and keep it, instead of on every forward.
+
+    GPTQModel's torch kernel wraps every layer's `dequantize_weight` in its own `torch.compile`
+    (a bound method per instance): dynamo compiles the first 8 (a C++ build each on the CPU), then
+    hits its recompile limit, warns, and runs the rest eagerly, and every forward dequantizes all
+    weights again. The kernel's own weight cache keeps the tensor its dequantization returns, so
+    the logits are the same bits; the cost is a dense copy of the linears in the compute dtype
+    (`evaluate.memory.dequantized_cache_bytes` counts it)."""
+    count = 0
+    for module in model.modules():
+        if not (callable(getattr(module, "enable_weight_cache", None)) and hasattr(module, "qweight")):
+            continue
+        module.__dict__.pop("dequantize_weight", None)  # the per-instance compiled wrapper; the class method stays
+        module.enable_weight_cache(True)
+        count += 1
+    return [f"{count} GPTQ linear(s) on cpu dequantize once and keep the result (same logits; no per-layer "
+            "torch.compile)"] if count else []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 from solar_quant.errors import InputError
+from solar_quant.memory import quantize_host_bytes
 from solar_quant.recipe import Recipe, load_recipe
 
 # GPTQ time = the layer forwards over the calibration tokens (the Hessian passes and the pass that
@@ -43,49 +44,54 @@ def _shape(recipe: Recipe, model: str | None) -> tuple[LlamaShape, str]:
     raise InputError(f"model path {path} not found and the recipe names no preset; pass --model PATH")
 
 
+def io_seconds(source_bytes: int) -> float:
+    """Reading the 16-bit shards and writing the outputs."""
+    return 2 * source_bytes / DISK_BYTES_PER_S
+
+
 def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
-    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline)."""
-    linears = shape.linear_shapes()
-    layer_fp32 = sum(o * i for o, i in linears.values()) * 4
-    largest = max(shape.vocab * shape.hidden, max(o * i for o, i in linears.values())) * 2
-    if method.startswith("bnb-"):
-        return 4 * largest
-    if method == "rtn":
-        return layer_fp32 + 2 * largest
-    acts = 2 * nsamples * seqlen * shape.hidden * 4  # layer inputs and outputs, fp32
-    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * 4
-    return layer_fp32 + acts + hessians + 2 * largest
+    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline): the method's own estimate."""
+    return quantize_host_bytes(shape, method, nsamples, seqlen)
 
 
 def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int,
-                 clip: bool = False) -> tuple[float, float]:
-    """A wall-time range on an idle machine of the kind measured (0.6x-1.6x the point estimate)."""
-    io = 2 * source_bytes / DISK_BYTES_PER_S
-    if method != "gptq":
-        return io, 3 * io
-    layer_params = sum(o * i for o, i in shape.linear_shapes().values())
+                 options=None) -> tuple[float, float]:
+    """The method's own wall-time range (its entry's `time_range`; `options` refine it where they matter)."""
+    import inspect
+
+    from solar_quant import registry
+
+    estimate = registry.method(method).time_range
+    if options is not None and "options" in inspect.signature(estimate).parameters:
+        return estimate(shape, nsamples, seqlen, device, source_bytes, options=options)
+    return estimate(shape, nsamples, seqlen, device, source_bytes)
+
+
+def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False) -> float:
+    """Point estimate of GPTQ's compute on an idle machine of the kind measured (see the constants)."""
+    from solar_quant.memory import linear_params
+
+    layer_params = linear_params(shape)
     token_params = nsamples * seqlen * shape.layers * (layer_params + 2 * seqlen * shape.hidden)
     if device.startswith("cuda"):
-        compute = token_params / GPU_TOKEN_PARAM_PER_S
-    else:
-        solve = shape.layers * layer_params * CPU_SOLVE_S_PER_PARAM["clip" if clip else "plain"]
-        compute = token_params / CPU_TOKEN_PARAM_PER_S + solve
-    return 0.6 * compute + io, 1.6 * compute + 2 * io
+        return token_params / GPU_TOKEN_PARAM_PER_S
+    solve = shape.layers * layer_params * CPU_SOLVE_S_PER_PARAM["clip" if clip else "plain"]
+    return token_params / CPU_TOKEN_PARAM_PER_S + solve
 
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f}" if seconds >= 90 else f"{seconds / 60:.1f}"
 
 
-def gptq_time_line(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool) -> str:
+def gptq_time_line(shape: LlamaShape, nsamples: int, seqlen: int, device: str, options=None) -> str:
     """The line `quantize --method gptq` and `run` print before GPTQ starts."""
-    lo, hi = time_range_s(shape, "gptq", nsamples, seqlen, device, shape.parameter_count() * 2, clip)
+    lo, hi = time_range_s(shape, "gptq", nsamples, seqlen, device, shape.parameter_count() * 2, options)
     return (f"gptq: {nsamples} x {seqlen} calibration tokens, {shape.layers} layers: expected ~{_minutes(lo)}-"
             f"{_minutes(hi)} min on {device} (estimate for an idle machine; slower on shared cores; time grows "
             f"with --nsamples x --seqlen)")
 
 
-def log_gptq_estimate(src, calib, device: str, gptq, log=None) -> None:
+def log_gptq_estimate(src, calib, device: str, options, log=None) -> None:
     """Print the expected GPTQ time before a run starts (the dry run's estimate, same arithmetic).
     Silent when the source's config cannot be read: the quantizer itself then reports that."""
     from solar_quant.checkpoint.reader import CheckpointReader
@@ -93,16 +99,16 @@ def log_gptq_estimate(src, calib, device: str, gptq, log=None) -> None:
     from solar_quant.progress import log as default_log
 
     try:
-        reader = CheckpointReader(src)
-        shape = LlamaShape.from_config(reader.config)
+        shape = LlamaShape.from_config(CheckpointReader(src).config)
     except SolarQuantError:
         return
     nsamples, seqlen = (int(n) for n in calib.input_ids.shape)
-    (log or default_log)(gptq_time_line(shape, nsamples, seqlen, device, clip=getattr(gptq, "mse", 0) > 0))
+    (log or default_log)(gptq_time_line(shape, nsamples, seqlen, device, options))
 
 
 def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = None) -> str:
-    from solar_quant.pipeline.cards import fit_rows, variant_of
+    from solar_quant import registry
+    from solar_quant.pipeline.cards import fit_rows
     from solar_quant.plan import weight_bytes
 
     recipe = load_recipe(recipe_path)
@@ -119,11 +125,10 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
                      f"sources {[s.path for s in c.sources] or 'bundled default'}")
     for v in recipe.variants:
         q = v.quantize
-        variant = variant_of(q)
+        variant = registry.method(q.method).variant(q)
         wb = weight_bytes(shape, variant)
         mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen)
-        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes,
-                              clip=getattr(q, "mse", 0) > 0)
+        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes, q)
         lines.append(f"- {v.name}: {variant.name}, rope {v.rope_scaling}, shards <= {v.shard_size}")
         lines.append(f"    output weights {wb / 1e9:.2f} GB ({wb:,} bytes); host memory while quantizing ~{mem / 1e9:.1f} GB; "
                      f"time on {recipe.device} ~{_minutes(lo)}-{_minutes(hi)} min")
