@@ -9,9 +9,6 @@ GPTQ kernel choice, rope overrides).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import sys
 from dataclasses import dataclass
 from typing import Literal, Optional, TextIO
@@ -167,29 +164,3 @@ class Generator:
         torch.manual_seed(self.opts.seed)
         return {"do_sample": True, "temperature": self.opts.temperature, "top_p": self.opts.top_p, "top_k": 0}
 
-
-@contextlib.contextmanager
-def result_stdout():
-    """A text stream on the real stdout for the generated text alone, while everything else that
-    writes to stdout meanwhile (file descriptor 1 or `sys.stdout`: e.g. a loader's banner or INFO
-    lines) lands on stderr. Where stdout is not a file descriptor (an in-process test runner), it
-    is yielded as it is."""
-    try:
-        fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        yield sys.stdout
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    result = os.fdopen(os.dup(saved), "w", encoding="utf-8", errors="replace")
-    os.dup2(err_fd, fd)
-    try:
-        yield result
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            result.flush()
-            sys.stdout.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
-        with contextlib.suppress(OSError, ValueError):
-            result.close()

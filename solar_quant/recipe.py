@@ -7,11 +7,14 @@ carries it out; `--dry-run` validates it and prints the plan.
 
 from __future__ import annotations
 
+import difflib
+import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from solar_quant.errors import InputError
 from solar_quant.options import BnbOptions, CalibrationOptions, EvalOptions, Frozen, GptqOptions, parse_size
@@ -58,7 +61,14 @@ class Recipe(Frozen):
     calibration: CalibrationOptions = CalibrationOptions()
     variants: list[VariantSection] = Field(min_length=1)
     eval: EvalOptions | None = None  # None: no evaluation step
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or cuda:N; whether it is present is checked when a step runs there
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", v):
+            raise ValueError(f"{v!r}: expected cpu, cuda or cuda:N")
+        return v
 
     @field_validator("variants")
     @classmethod
@@ -93,14 +103,42 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    parts = list(err["loc"])
-    parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "quantize" and p in METHODS)]
+    errors = e.errors()
+    # a misspelt key shows up as the right key missing and an unknown one: name the unknown one
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    raw = list(err["loc"])
+    parts = [p for i, p in enumerate(raw) if not (i and raw[i - 1] == "quantize" and p in METHODS)]
     loc = ".".join(str(p) for p in parts)
     if err["type"] == "extra_forbidden":
-        return f"unknown key '{loc}'; check the spelling against recipes/README.md"
+        guess = difflib.get_close_matches(str(raw[-1]), _known_keys(raw[:-1]), n=1, cutoff=0.6)
+        hint = f"; did you mean '{'.'.join(map(str, parts[:-1] + guess))}'?" if guess else ""
+        return f"unknown key '{loc}'{hint} (check the spelling against recipes/README.md)"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     if err["type"] == "union_tag_invalid":
         return f"'{loc}': method must be one of bnb-int8, bnb-nf4, bnb-fp4, gptq, rtn"
     return f"'{loc}': {err['msg']}"
+
+
+def _known_keys(loc: list) -> list[str]:
+    """The keys the recipe schema allows in the table at `loc` (a pydantic error location)."""
+    model: type[BaseModel] | None = Recipe
+    for i, part in enumerate(loc):
+        if i and loc[i - 1] == "quantize" and part in METHODS:  # the union's member, by its method tag
+            model = BnbOptions if part.startswith("bnb-") else GptqOptions
+            continue
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The one pydantic model inside an annotation such as `X | None` or `list[X]` (None if 0 or 2+)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {m for arg in typing.get_args(annotation) if (m := _model_in(arg)) is not None}
+    return found.pop() if len(found) == 1 else None

@@ -114,7 +114,7 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
     if v.quantize.method.startswith("bnb-"):
         from solar_quant.pipeline.bnb import build_bnb_variant
 
-        return build_bnb_variant(str(model_path), str(final), v.quantize, output, log=log)
+        return build_bnb_variant(str(model_path), str(final), v.quantize, output, log=log, device=recipe.device)
     from solar_quant.pipeline.gptq import build_gptq_variant
 
     return build_gptq_variant(str(model_path), str(final), v.quantize, calib if v.quantize.method == "gptq" else None,

@@ -29,9 +29,11 @@ IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past t
 def _options(template, system, max_new_tokens, temperature, top_p, seed, device, dtype, rope_scaling, load_8bit,
              load_4bit, ignore_eos):
     from solar_quant.errors import OptionError
-    from solar_quant.generate import GenerateOptions
+    from solar_quant.generate import TEMPLATES, GenerateOptions
     from solar_quant.options import build
 
+    if template not in TEMPLATES:
+        raise OptionError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")
     if load_8bit and load_4bit:
         raise OptionError("--load-in-8bit and --load-in-4bit: pick one")
     load_in = "int8" if load_8bit else "nf4" if load_4bit else None
@@ -59,7 +61,8 @@ def generate(
 ) -> None:
     """Reply to PROMPT once, streaming the tokens to stdout (nothing else goes there); Ctrl-C ends the reply."""
     from solar_quant.errors import Interrupted
-    from solar_quant.generate import Generator, conversation, result_stdout
+    from solar_quant.cli.streams import result_stdout
+    from solar_quant.generate import Generator, conversation
     from solar_quant.signals import set_interrupt_hint
 
     set_interrupt_hint("interrupted before the reply started; nothing was written")
@@ -92,7 +95,7 @@ def chat(
     """Talk to VARIANT turn by turn (one line a message). Replies stream to stdout; Ctrl-C ends a
     reply and keeps the conversation; Ctrl-C at the prompt or EOF (Ctrl-D) ends the session.
     `/reset` forgets the conversation, `/exit` leaves."""
-    from solar_quant.generate import result_stdout
+    from solar_quant.cli.streams import result_stdout
     from solar_quant.signals import set_interrupt_hint
 
     set_interrupt_hint("interrupted before the chat started; nothing was written")

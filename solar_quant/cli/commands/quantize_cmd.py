@@ -16,8 +16,9 @@ GPTQ_METHODS = ("gptq", "rtn")
 @friendly
 def quantize(
     src: Annotated[str, typer.Argument(help="16-bit source checkpoint folder (never modified).")],
-    out: Annotated[str, typer.Argument(help="Output folder; appears only when complete.")],
     method: Annotated[str, typer.Option("--method", help="bnb-int8, bnb-nf4, bnb-fp4, gptq or rtn.")],
+    out_arg: Annotated[Optional[str], typer.Argument(help="Output folder (or --out); appears only when complete.")] = None,
+    out_opt: Annotated[Optional[str], typer.Option(*o.OUT_FLAGS, help="Output folder (same as OUT).")] = None,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="bnb 4-bit: quantize the absmax constants too.")] = False,
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="bnb 4-bit compute dtype: float16, bfloat16, float32.")] = "float16",
     skip_modules: Annotated[Optional[list[str]], typer.Option("--skip-modules", help="bnb: module names kept in 16-bit (default: lm_head).")] = None,
@@ -47,9 +48,13 @@ def quantize(
         help="gptq/rtn: save a resume point (job + hidden states) at most this often; 0: after every layer.")] = 120.0,
 ) -> None:
     """Quantize SRC into OUT, one tensor (bnb) or one decoder layer (gptq/rtn) at a time."""
+    from solar_quant.devices import resolve_device
     from solar_quant.options import OutputOptions, build, parse_size
     from solar_quant.rope import RopeScaling
     from solar_quant.signals import set_interrupt_hint
+
+    out = _output_folder(out_arg, out_opt)
+    device = str(resolve_device(device))  # every method runs where --device says, or the flag is refused here
 
     set_interrupt_hint(f"interrupted; nothing partial was left under {out} (a variant appears there only when "
                        "complete); rerun the same command to start again")
@@ -63,7 +68,7 @@ def quantize(
 
         bnb = build(BnbOptions, method=method, double_quant=double_quant, compute_dtype=compute_dtype,
                     skip_modules=tuple(skip_modules or ("lm_head",)))
-        path = build_bnb_variant(src, out, bnb, output)
+        path = build_bnb_variant(src, out, bnb, output, device=device)
     elif method in GPTQ_METHODS:
         from solar_quant.calibration.artifact import calibration_from_cli
         from solar_quant.options import GptqOptions
@@ -79,6 +84,16 @@ def quantize(
 
         raise OptionError(f"--method {method!r}: expected one of {', '.join(BNB_METHODS + GPTQ_METHODS)}")
     typer.echo(str(path))
+
+
+def _output_folder(positional: str | None, option: str | None) -> str:
+    from solar_quant.errors import OptionError
+
+    if positional and option and positional != option:
+        raise OptionError(f"OUT {positional} and --out {option}: give the output folder once")
+    if not (positional or option):
+        raise OptionError("OUT: missing; give the output folder as `quantize SRC OUT` or `--out OUT`")
+    return positional or option
 
 
 def register(app: typer.Typer) -> None:
