@@ -75,7 +75,13 @@ def conversation(system: str | None, turns: list[tuple[str, str]], user: str) ->
 def prompt_ids(tokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the prompt that asks for the next assistant turn."""
     if template == "chat_template":
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:
+            raise OptionError(f"--template chat_template: the tokenizer's chat template rejected the conversation "
+                              f"({e}); use --template solar or raw") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     from solar_quant.calibration.sampling import special_tokens
     from solar_quant.calibration.templates import get_template

@@ -78,9 +78,8 @@ def eval_(
                  min_top1=min_top1, max_ppl_ratio_bucket=max_ppl_ratio_bucket, max_kld_bucket=max_kld_bucket)
     from pathlib import Path
 
-    from solar_quant.errors import GateError
-
     from solar_quant.cli.streams import result_stdout
+    from solar_quant.errors import GateError
 
     with result_stdout() as result:
         show = (lambda _table: None) if as_json else (lambda table: print(table, file=result, flush=True))
