@@ -12,16 +12,32 @@ import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
+from solar_quant import registry
 from solar_quant.errors import InputError
-from solar_quant.options import BnbOptions, CalibrationOptions, EvalOptions, Frozen, GptqOptions, parse_size
+from solar_quant.options import CalibrationOptions, EvalOptions, Frozen, parse_size
 from solar_quant.rope import RopeScaling
 
-METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "gptq", "rtn")
-QuantizeOptions = Annotated[Union[BnbOptions, GptqOptions], Field(discriminator="method")]
+
+def _method_options(value):
+    """A `quantize` table -> the options model of the method it names (registry look-up);
+    pydantic reports the nested errors at their place in the recipe."""
+    if not isinstance(value, dict):
+        return value
+    name = value.get("method")
+    entries = registry.methods()
+    if name is None:
+        raise PydanticCustomError("union_tag_not_found", "missing key 'method'")
+    if not isinstance(name, str) or name not in entries:
+        raise PydanticCustomError("union_tag_invalid", "unknown method {name!r}", {"name": name})
+    return entries[name].options.model_validate(value)
+
+
+QuantizeOptions = Annotated[SerializeAsAny[Frozen], BeforeValidator(_method_options)]
 
 
 class ModelSection(Frozen):
@@ -79,7 +95,7 @@ class Recipe(Frozen):
         return v
 
     def needs_calibration(self) -> bool:
-        return any(v.quantize.method == "gptq" for v in self.variants)
+        return any(registry.method(v.quantize.method).needs_calibration for v in self.variants)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -97,43 +113,49 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(doc)
     except ValidationError as e:
-        raise InputError(f"{path}: {_first_error(e)}") from None
+        raise InputError(f"{path}: {_first_error(e, doc)}") from None
     except InputError as e:  # raised by a field validator (e.g. a bad rope_scaling string)
         raise InputError(f"{path}: {e}") from None
 
 
-def _first_error(e: ValidationError) -> str:
+def _first_error(e: ValidationError, doc: dict) -> str:
     errors = e.errors()
     # a misspelt key shows up as the right key missing and an unknown one: name the unknown one
     err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    raw = list(err["loc"])
-    parts = [p for i, p in enumerate(raw) if not (i and raw[i - 1] == "quantize" and p in METHODS)]
+    parts = list(err["loc"])
     loc = ".".join(str(p) for p in parts)
     if err["type"] == "extra_forbidden":
-        guess = difflib.get_close_matches(str(raw[-1]), _known_keys(raw[:-1]), n=1, cutoff=0.6)
+        guess = difflib.get_close_matches(str(parts[-1]), _known_keys(parts[:-1], doc), n=1, cutoff=0.6)
         hint = f"; did you mean '{'.'.join(map(str, parts[:-1] + guess))}'?" if guess else ""
         return f"unknown key '{loc}'{hint} (check the spelling against recipes/README.md)"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     if err["type"] == "union_tag_invalid":
-        return f"'{loc}': method must be one of bnb-int8, bnb-nf4, bnb-fp4, gptq, rtn"
+        return f"'{loc}': method must be one of {', '.join(registry.method_names())}"
     return f"'{loc}': {err['msg']}"
 
 
-def _known_keys(loc: list) -> list[str]:
-    """The keys the recipe schema allows in the table at `loc` (a pydantic error location)."""
+def _known_keys(loc: list, doc) -> list[str]:
+    """The keys the recipe schema allows in the table at `loc` (a pydantic error location); a
+    `quantize` table's keys are those of the method it names."""
     model: type[BaseModel] | None = Recipe
-    for i, part in enumerate(loc):
-        if i and loc[i - 1] == "quantize" and part in METHODS:  # the union's member, by its method tag
-            model = BnbOptions if part.startswith("bnb-") else GptqOptions
-            continue
+    for part in loc:
+        doc = doc[part] if isinstance(doc, (dict, list)) and _has(doc, part) else None
         if model is None:
             return []
         if isinstance(part, int):
             continue
+        if part == "quantize" and model is VariantSection:
+            name = doc.get("method") if isinstance(doc, dict) else None
+            model = registry.methods()[name].options if name in registry.methods() else None
+            continue
         field = model.model_fields.get(str(part))
         model = _model_in(field.annotation) if field is not None else None
     return list(model.model_fields) if model is not None else []
+
+
+def _has(doc, part) -> bool:
+    return part in doc if isinstance(doc, dict) else isinstance(part, int) and 0 <= part < len(doc)
 
 
 def _model_in(annotation) -> type[BaseModel] | None:
