@@ -147,7 +147,7 @@ def _known_keys(loc: list, doc) -> list[str]:
             continue
         if part == "quantize" and model is VariantSection:
             name = doc.get("method") if isinstance(doc, dict) else None
-            model = registry.methods()[name].options if name in registry.methods() else None
+            model = registry.methods()[name].options if isinstance(name, str) and name in registry.methods() else None
             continue
         field = model.model_fields.get(str(part))
         model = _model_in(field.annotation) if field is not None else None
