@@ -76,7 +76,7 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         raise OptionError("eval needs a BASELINE and at least one VARIANT folder")
     device = resolve_device(opts.device)
     dtype = compute_dtype(device, opts.dtype)
-    rope = RopeScaling.parse(opts.rope_scaling) if opts.rope_scaling else None
+    rope = RopeScaling.parse(opts.rope_scaling, allow_static=True) if opts.rope_scaling else None
     if rope is not None and rope.kind == "keep":
         rope = None
     read_device_map(opts.device_map)
