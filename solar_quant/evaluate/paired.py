@@ -50,7 +50,7 @@ def flips(base: np.ndarray, variant: np.ndarray) -> dict:
     lost = int(np.sum(b & ~v))
     gained = int(np.sum(~b & v))
     n = int(b.size)
-    return {"flips": (lost + gained) / n if n else math.nan, "lost": lost, "gained": gained, "items": n}
+    return {"flips": (lost + gained) / n if n else math.nan, "lost": lost, "gained": gained, "paired_items": n}
 
 
 def paired_bootstrap(base: np.ndarray, variant: np.ndarray, groups: np.ndarray | None = None,
