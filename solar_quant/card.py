@@ -10,7 +10,8 @@ BNB_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4")
 
 def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license: str | None, variant: dict,
                 record: dict, fit_rows: list[dict], eval_rows: list[dict], eval_protocol: dict | None,
-                plots: list[str], folder_bytes: int) -> str:
+                plots: list[str], folder_bytes: int, tasks_text: str | None = None,
+                serving_rope: str | None = None) -> str:
     """`variant` = {"name", "method", "options", "rope"}; `fit_rows`/`eval_rows` are plain dicts."""
     parts = [
         f"# {variant['name']}",
@@ -45,7 +46,10 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
     if plots:
         parts += ["Long context, by position (baseline and this variant, with the run's other variants):", "",
                   " ".join(f"![{name}]({name})" for name in plots), ""]
-    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", _serving(variant), "",
+    if tasks_text:
+        parts += ["## Task scores against fp16 (lm-eval)", "", tasks_text, ""]
+    serve = _serving(variant) + (f"\n\n{serving_rope}" if serving_rope else "")
+    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", serve, "",
               "## Recipe", "", "```toml", recipe_text.strip(), "```", ""]
     calib = record.get("calibration")
     if calib:

@@ -112,6 +112,18 @@ class EvalOptions(Frozen):
     max_flips: float | None = None  # gate: share of a task's items whose outcome flips
     also_rope_scaling: tuple[str, ...] = ()  # `run`: evaluate again under each (e.g. ntk-static:2, as vLLM serves)
 
+    @field_validator("also_rope_scaling")
+    @classmethod
+    def _ropes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from solar_quant.rope import RopeScaling
+
+        for text in v:
+            try:
+                RopeScaling.parse(text, flag="also_rope_scaling", allow_static=True)
+            except OptionError as e:
+                raise ValueError(str(e)) from None
+        return v
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 

@@ -221,3 +221,40 @@ def test_a_task_longer_than_the_context_is_refused_before_any_model_loads(tiny_l
     assert_clean_failure(proc, "--tasks sq_tiny_mc", "the model allows 16")
     assert "loading" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+# -- the model card ----------------------------------------------------------------------------
+def _task(score, ref=None, **paired_values):
+    return {"task": "arc_challenge", "metric": "acc_norm", "score": score, "stderr": 0.01, "reference": ref,
+            **paired_values}
+
+
+def test_card_shows_published_ours_and_the_variant_under_each_rope(tmp_path):
+    from solar_quant.pipeline.cards import serving_rope_line, tasks_section
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    protocol = {"rope_override": "dynamic:2", "tasks": {"lm_eval": "0.4.13", "limit": None,
+                                                         "seeds": {"fewshot_random_seed": 1234},
+                                                         "reference_source": "the model card"}}
+
+    def report(variant_score, ppl):
+        return {"protocol": protocol, "models": [
+            {"role": "baseline", "path": "base", "name": "base", "tasks": {"arc_challenge:25": _task(0.70, ref=0.711)},
+             "short": {"ppl": 3.0}},
+            {"role": "variant", "path": str(folder), "name": "v", "short": {"ppl": ppl},
+             "tasks": {"arc_challenge:25": _task(variant_score, delta=variant_score - 0.70, low=-0.03, high=0.01,
+                                                 flips=0.05)}}]}
+
+    main, static = report(0.69, 3.1), report(0.66, 3.3)
+    text = tasks_section(main, folder, {"ntk-static:2": static})
+    row = next(line for line in text.splitlines() if line.startswith("| arc_challenge:25"))
+    assert "| 71.1 |" in row and "70.0 ± 1.0" in row and "69.0 ± 1.0" in row and "5.0 %" in row
+    assert "66.0 (Δ -4.0, flips 5.0 %)" in row
+    assert "the model card" in text
+    cfg = {"hidden_size": 8192, "num_attention_heads": 64, "max_position_embeddings": 4096}
+    line = serving_rope_line({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, cfg, main, folder,
+                             {"ntk-static:2": static})
+    assert "static base 3.053e+04 (×3.05)" in line
+    assert "69.0 under transformers' rope vs 66.0 under `ntk-static:2`" in line and "3.1 vs 3.3" in line
+    assert serving_rope_line({"rope_type": "default", "rope_theta": 1e4}, cfg, main, folder, {}) is None
