@@ -258,3 +258,21 @@ def test_card_shows_published_ours_and_the_variant_under_each_rope(tmp_path):
     assert "static base 3.053e+04 (×3.05)" in line
     assert "69.0 under transformers' rope vs 66.0 under `ntk-static:2`" in line and "3.1 vs 3.3" in line
     assert serving_rope_line({"rope_type": "default", "rope_theta": 1e4}, cfg, main, folder, {}) is None
+
+
+def test_report_adds_the_h4_average_beside_the_published_one():
+    from solar_quant.evaluate.report import H4_LABELS, _tasks_markdown
+
+    refs = {"arc_challenge": 0.711, "hellaswag": 0.879, "mmlu": 0.706, "truthfulqa_mc2": 0.622}
+    def tasks(shift):
+        return {label: {"task": label.split(":")[0], "metric": "acc", "group_mean": False, "shots": 0, "n": 10,
+                        "score": refs[label.split(":")[0]] + shift, "stderr": 0.01, "items_per_s": 1.0,
+                        "reference": refs[label.split(":")[0]], "delta": shift, "low": shift, "high": shift,
+                        "flips": 0.0} for label in H4_LABELS}
+    report = {"protocol": {"tasks": {"lm_eval": "0.4.13", "seeds": {}, "limit": None, "batch_size": 8, "context": 4096,
+                                     "reference": {**{k: 100 * v for k, v in refs.items()}, "h4": 73.0},
+                                     "reference_source": "card"}},
+              "models": [{"name": "fp16", "role": "baseline", "tasks": tasks(0.0)},
+                         {"name": "q", "role": "variant", "tasks": tasks(-0.02)}]}
+    row = next(line for line in _tasks_markdown(report) if "H4 average" in line).splitlines()[-1]
+    assert row.split(" | ")[-3:] == ["73.0", "72.9", "70.9 |"]

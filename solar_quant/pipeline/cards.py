@@ -150,6 +150,14 @@ def tasks_section(report: dict, folder: Path, rope_reports: dict[str, dict]) -> 
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     tp = p["tasks"]
+    from solar_quant.evaluate.behaviour import h4_average
+
+    if h4_average(base["tasks"]) is not None:
+        published = {k.lower(): v for k, v in (tp.get("reference") or {}).items()}.get("h4")
+        avg = [f"fp16 (ours) {_pct(h4_average(base['tasks']))}", f"this variant {_pct(h4_average(mine['tasks']))}"]
+        avg += [f"this variant, rope {rope} {_pct(h4_average((e or {}).get('tasks') or {}))}" for rope, e in extra.items()]
+        lines.append("")
+        lines.append("H4 average: " + (f"published fp16 {published:.1f}, " if published is not None else "") + ", ".join(avg) + ".")
     note = (f"Scores in percent; lm-eval {tp['lm_eval']}, limit {tp['limit'] or 'none'}, seeds {tp['seeds']['fewshot_random_seed']} "
             "(few-shot). Flips: share of items whose correct/incorrect outcome differs from fp16's on the same items.")
     if tp.get("reference_source"):
