@@ -1,6 +1,6 @@
 """Condense `eval --tasks/--generate` reports into a bench result and print the README tables.
 
-    PYTHONPATH=. python bench/summarize_tasks.py dynamic:2=OUT_A/report.json ntk-static:2=OUT_B/report.json \
+    PYTHONPATH=. python bench/summarize_tasks.py dynamic:2=A1/report.json,A2/report.json ntk-static:2=B1/report.json \
         --command "..." --note "..." --out bench/results/tasks_smollm2.json
 
 Keeps per model and rope: each task's score, stderr, items/s, delta with its paired interval,
@@ -80,8 +80,13 @@ def main() -> None:
     args = ap.parse_args()
     runs = {}
     for item in args.reports:
-        rope, _, path = item.partition("=")
-        runs[rope] = condense(json.loads(Path(path).read_text()))
+        rope, _, paths = item.partition("=")
+        docs = [condense(json.loads(Path(path).read_text())) for path in paths.split(",")]
+        # one report per variant, run in parallel against one cached baseline: keep the baseline once
+        merged = docs[0]
+        merged["wall_s"] = [d["wall_s"] for d in docs]
+        merged["models"] = docs[0]["models"][:1] + [m for d in docs for m in d["models"] if m["role"] == "variant"]
+        runs[rope] = merged
     doc = {"command": args.command, "note": args.note, "runs": runs}
     Path(args.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     print(table(runs))
