@@ -17,7 +17,7 @@ import torch
 
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.errors import CheckpointError, DependencyError, InputError, OptionError
-from solar_quant.rope import RopeScaling, rope_theta
+from solar_quant.rope import STATIC_NTK, RopeScaling, rope_theta, static_ntk_base
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -89,6 +89,9 @@ def apply_rope_override(config, rope_override: RopeScaling | None, trained_lengt
         params = {"rope_type": "default", "rope_theta": theta}
     elif rope_override is not None and rope_override.kind in ("dynamic", "linear"):
         params = {"rope_type": rope_override.kind, "factor": float(rope_override.factor), "rope_theta": theta}
+    elif rope_override is not None and rope_override.kind == STATIC_NTK:  # vLLM's static base, as a plain rope
+        dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        params = {"rope_type": "default", "rope_theta": static_ntk_base(theta, float(rope_override.factor), dim)}
     if trained_length is not None:
         config.max_position_embeddings = int(trained_length)
         if "original_max_position_embeddings" in params:
@@ -96,7 +99,10 @@ def apply_rope_override(config, rope_override: RopeScaling | None, trained_lengt
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", theta)
     config.rope_parameters = params
-    return {**params, "max_position_embeddings": int(config.max_position_embeddings)}
+    out = {**params, "max_position_embeddings": int(config.max_position_embeddings)}
+    if rope_override is not None and rope_override.kind == STATIC_NTK:
+        out["emulates"] = f"vLLM dynamic NTK x{rope_override.factor:g} (static base from rope_theta {theta:g})"
+    return out
 
 
 def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_length: int | None) -> dict:
