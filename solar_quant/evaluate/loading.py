@@ -147,9 +147,16 @@ def read_device_map(spec: str | None):
     return doc
 
 
+LOAD_QUANTIZED = ("int8", "nf4")
+
+
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, device_map=None,
-               rope_override: RopeScaling | None = None, trained_length: int | None = None) -> LoadedModel:
-    """Build the model in `path` for inference with the given rope settings; its format entry gives the load arguments."""
+               rope_override: RopeScaling | None = None, trained_length: int | None = None,
+               quantize_on_load: str | None = None) -> LoadedModel:
+    """Build the model in `path` for inference with the given rope settings; its format entry gives the load arguments.
+
+    `quantize_on_load` ("int8" or "nf4") quantizes a 16-bit folder with bitsandbytes while it
+    loads (transformers' `BitsAndBytesConfig`), as the seed's `load_in_8bit=True` did."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     start = time.monotonic()
@@ -161,7 +168,14 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
     rope = apply_rope_override(config, rope_override, trained_length)
     kwargs: dict = {"config": config, "dtype": dtype}
     notes = []
-    if fmt.load_kwargs is not None:
+    if quantize_on_load is not None:
+        if fmt.quantized:
+            raise OptionError(f"{path}: already quantized ({method}); --load-in-8bit/--load-in-4bit apply to 16-bit folders only")
+        kwargs["quantization_config"] = _bnb_on_load(quantize_on_load, dtype)
+        from solar_quant import registry
+
+        method, fmt = "bitsandbytes", registry.format_entry("bitsandbytes")  # loads and runs as a bitsandbytes folder
+    elif fmt.load_kwargs is not None:
         kwargs.update(fmt.load_kwargs(reader.config["quantization_config"], device, config))
     device_map = read_device_map(device_map)
     if device_map is not None:
@@ -178,6 +192,16 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
         notes += fmt.after_load(model, device, dtype)
     model.eval()
     return LoadedModel(model, str(path), method, rope, time.monotonic() - start, notes)
+
+
+def _bnb_on_load(kind: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    raise OptionError(f"quantize on load {kind!r}: expected one of {', '.join(LOAD_QUANTIZED)}")
 
 
 def release() -> None:

@@ -72,7 +72,8 @@ def _sections(opts: EvalOptions, n_tokens: int) -> list[Section]:
     return out
 
 
-def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.log) -> tuple[Plan, dict]:
+def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.log,
+            allow_quantized_baseline: bool = False) -> tuple[Plan, dict]:
     """Every input check that can fail, before any model loads or anything is written."""
     if not variants:
         raise OptionError("eval needs a BASELINE and at least one VARIANT folder")
@@ -83,6 +84,10 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         rope = None
     read_device_map(opts.device_map)
     identities = {p: model_identity(p) for p in [baseline, *variants]}
+    if identities[baseline]["quant_method"] and not allow_quantized_baseline:
+        raise OptionError(f"BASELINE {baseline}: is a quantized folder ({identities[baseline]['quant_method']}); ratios "
+                          "and KL are measured against the 16-bit source, so pass that folder first (or "
+                          "--allow-quantized-baseline to compare two variants)")
     tok = {p: check_same_tokenizer(baseline, p) for p in variants}[variants[0]]
     for p in identities:
         require_runtime(p)
@@ -222,13 +227,14 @@ def _names(paths: list[str]) -> list[str]:
 
 
 def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str, log=progress.log,
-             show=progress.log) -> dict:
+             show=progress.log, allow_quantized_baseline: bool = False) -> dict:
     """Score `variants` against `baseline`; write report.json, report.md and plots to `out_dir`.
 
     `show` receives the console table. Raises GateError (after writing the report) when a gate fails.
+    A quantized baseline is refused unless `allow_quantized_baseline`.
     """
     wall = time.monotonic()
-    plan, identities = prepare(baseline, variants, opts, log)
+    plan, identities = prepare(baseline, variants, opts, log, allow_quantized_baseline)
     cache = BaselineCache(opts.cache_dir or Path(out_dir) / "baseline-cache")
     base_data, base_passkey, base_info, base_extra = _baseline(baseline, plan, opts, cache, log)
     names = _names([baseline, *variants])

@@ -28,7 +28,7 @@ def _numbers(values: list[str] | None, kind, flag: str) -> tuple:
 def eval_(
     baseline: Annotated[str, typer.Argument(help="The 16-bit baseline folder.")],
     variants: Annotated[list[str], typer.Argument(help="One or more variant folders (fp16, bitsandbytes or GPTQ).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for report.json, report.md, plots and the baseline cache.")] = "eval-report",
+    out: Annotated[str, typer.Option(*o.OUT_FLAGS, help="Folder for report.json, report.md, plots and the baseline cache.")] = "eval-report",
     text: Annotated[Optional[str], typer.Option("--text", help="UTF-8 text file, or hf:NAME[:CONFIG[:SPLIT]] from the local datasets cache; default: the bundled held-out text.")] = None,
     seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per short-context window.")] = 512,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: --seqlen); smaller scores only each window's last STRIDE tokens.")] = None,
@@ -60,11 +60,16 @@ def eval_(
     generate_template: Annotated[str, typer.Option("--generate-template", help="auto (chat_template if the tokenizer has one, else solar), solar, chat_template or raw.")] = "auto",
     max_task_drop: Annotated[Optional[float], typer.Option("--max-task-drop", help="Gate: a task's score drop vs the baseline, in metric units (0.01 = 1 point).")] = None,
     max_flips: Annotated[Optional[float], typer.Option("--max-flips", help="Gate: share of a task's items whose correct/incorrect outcome flips.")] = None,
+    allow_quantized_baseline: Annotated[bool, typer.Option(
+        "--allow-quantized-baseline", help="Accept a quantized BASELINE (to compare two variants with each other).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
 ) -> None:
-    """Compare VARIANTs with BASELINE on the same tokens: perplexity, ratio, KL, top-1, long context, passkey;
-    with --tasks, lm-eval task scores with paired deltas and flips; with --generate, greedy-answer fidelity.
+    """Compare VARIANTs with BASELINE (the 16-bit source) on the same tokens: perplexity, ratio, KL, top-1,
+    long context, passkey; with --tasks, lm-eval task scores with paired deltas and flips; with --generate,
+    greedy-answer fidelity.
 
-    Writes OUT/report.json, OUT/report.md and PNG plots; exits 1 when a gate fails.
+    Writes OUT/report.json, OUT/report.md and PNG plots (the path goes to stderr; --json prints report.json);
+    exits 1 when a gate fails.
     """
     from solar_quant.evaluate.run import evaluate
     from solar_quant.options import EvalOptions, build
@@ -84,7 +89,26 @@ def eval_(
                  tasks=tuple(t.strip() for item in tasks or () for t in item.split(",") if t.strip()), limit=limit,
                  task_dir=task_dir, task_batch_size=task_batch_size, generate=generate, max_new_tokens=max_new_tokens,
                  generate_template=generate_template, max_task_drop=max_task_drop, max_flips=max_flips)
-    evaluate(baseline, variants, opts, out, show=typer.echo)
+    from pathlib import Path
+
+    from solar_quant.cli.streams import result_stdout
+    from solar_quant.errors import GateError
+
+    with result_stdout() as result:
+        show = (lambda _table: None) if as_json else (lambda table: print(table, file=result, flush=True))
+        try:
+            evaluate(baseline, variants, opts, out, show=show, allow_quantized_baseline=allow_quantized_baseline)
+        except GateError:
+            _report_written(Path(out), as_json, result)
+            raise
+        _report_written(Path(out), as_json, result)
+
+
+def _report_written(out, as_json: bool, result) -> None:
+    """stdout gets the table (already shown) or report.json; stderr says where the report went."""
+    if as_json:
+        print((out / "report.json").read_text().rstrip("\n"), file=result, flush=True)
+    typer.echo(f"report: {out / 'report.md'} and {out / 'report.json'}", err=True)
 
 
 def register(app: typer.Typer) -> None:
