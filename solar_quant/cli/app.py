@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
-from solar_quant.cli.commands import (calibrate_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd,
-                                      run_cmd, verify_cmd)
+from solar_quant.cli.commands import (calibrate_cmd, chat_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd,
+                                      quantize_cmd, run_cmd, verify_cmd)
 
-VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd)
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd, chat_cmd)
 
 app = typer.Typer(
     name="solar-quant",
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 for module in VERBS:
     module.register(app)
@@ -26,17 +28,27 @@ for module in VERBS:
 GLOBAL_FLAGS = ("--verbose", "--quiet")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from solar_quant import TOOL_NAME, __version__
+
+        typer.echo(f"{TOOL_NAME} {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global_options(
-    verbose: bool = typer.Option(False, "--verbose", help="Also show what libraries print (banners, INFO lines, warnings), on stderr."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress lines or bars; results and errors only."),
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show what libraries print (banners, INFO lines, warnings), on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines or bars; results and errors only.")] = False,
 ) -> None:
     """Quantize Llama-2-family checkpoints (SOLAR-0-70b and kin) to bitsandbytes and GPTQ, streaming, and prove each variant against fp16."""
     from solar_quant import console
-    from solar_quant.errors import OptionError
 
     if verbose and quiet:
         from solar_quant.cli.errors import report
+        from solar_quant.errors import OptionError
 
         report(str(OptionError("--verbose and --quiet: pick one")))
         raise typer.Exit(2)
