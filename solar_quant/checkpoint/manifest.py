@@ -19,9 +19,15 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
 
 def build_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
     """`exclude`: top-level names (files or folders) left out."""
+    from solar_quant.checkpoint.hooks import boundary
+
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
                    and p.relative_to(folder).parts[0] not in exclude)
-    return {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
+    listed = {}
+    for p in files:
+        listed[str(p.relative_to(folder))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        boundary("manifest-hash")
+    return {"files": listed}
 
 
 def write_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 from solar_quant.card import render_card
+from solar_quant.checkpoint.lock import OutputLock
 from solar_quant.checkpoint.manifest import write_manifest
+from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.formats.sizes import Variant
 from solar_quant.recipe import Recipe, VariantSection
 from solar_quant.rope import read_rope
@@ -56,8 +58,9 @@ def write_card(recipe: Recipe, recipe_path: Path, model_path: Path, v: VariantSe
                        model_name=recipe.model.name, license=recipe.model.license, variant=variant, record=record,
                        fit_rows=fit_rows(shape, variant_of(v.quantize)), eval_rows=rows, eval_protocol=protocol,
                        plots=plots, folder_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()))
-    (folder / "README.md").write_text(text)
-    write_manifest(folder)
+    with OutputLock(folder):  # one writer per folder, as while it was staged
+        atomic_write_bytes(folder / "README.md", text.encode())
+        write_manifest(folder)
     return folder / "README.md"
 
 

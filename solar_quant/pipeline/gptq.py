@@ -32,7 +32,7 @@ from solar_quant.errors import (CalibrationError, InputError, Interrupted, Numer
 from solar_quant.options import GptqOptions, OutputOptions
 from solar_quant.pipeline.job import JOB_DIR, JOB_FILE, Job
 from solar_quant.rope import RopeScaling
-from solar_quant.variant import RECORD_NAME, copy_side_files, tool_record, variant_config
+from solar_quant.variant import RECORD_NAME, SIDE_FILES, copy_side_files, tool_record, variant_config
 
 # Runtimes that refuse a group size that does not divide a linear's inputs (NOTES.md).
 PARTIAL_GROUP_REFUSERS = ("transformers' default CPU kernel for 4-bit (GPTQModel TorchAtenLinear)",
@@ -154,8 +154,11 @@ def _job_spec(reader, gptq, calib, output, dev) -> dict:
 
     options = {**gptq.model_dump(), "shard_size": output.shard_size, "rope_scaling": output.rope_scaling,
                "device": str(dev)}
+    from solar_quant.checkpoint.identity import source_identity
+
     inputs = {"source": reader.identity()["sha256"],
-              "calibration": ids_sha256(calib.input_ids) if calib is not None else None}
+              "calibration": ids_sha256(calib.input_ids) if calib is not None else None,
+              "source_files": source_identity(reader.path, reader.shards, SIDE_FILES)}
     return {"options": options, "inputs": inputs}
 
 
@@ -164,8 +167,7 @@ def _open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
     if job is None:
         if resume:
             log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
-            staged.abandon()  # whatever a job-less staging folder holds is not ours to continue from
-            staged.staging.mkdir(parents=True)
+            staged.reset()  # whatever a job-less staging folder holds is not ours to continue from
         return Job(staged.staging, spec)
     job.check_matches(spec)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")

@@ -23,6 +23,7 @@ from solar_quant.errors import OptionError, OutputError
 JOB_DIR = ".job"
 JOB_FILE = "job.json"
 JOB_VERSION = 1
+INPUT_NAMES = {"source": "source checkpoint identity", "calibration": "calibration token ids sha256"}
 
 
 @dataclass
@@ -60,12 +61,15 @@ class Job:
 
     def check_matches(self, spec: dict) -> None:
         """Raise OptionError listing every option or input that differs from the saved job."""
-        diffs = []
+        from solar_quant.checkpoint.identity import changes
+
+        old_files, new_files = self.spec.get("inputs", {}).get("source_files"), spec.get("inputs", {}).get("source_files")
+        diffs = changes(old_files, new_files or {}, "source") if old_files != new_files else []  # naming each file
         for section in ("options", "inputs"):
             old, new = self.spec.get(section, {}), spec.get(section, {})
-            for key in sorted(set(old) | set(new)):
+            for key in sorted(set(old) | set(new) - {"source_files"}):
                 if old.get(key) != new.get(key):
-                    diffs.append(f"{key} {_short(old.get(key))} -> {_short(new.get(key))}")
+                    diffs.append(f"{INPUT_NAMES.get(key, key)} {_short(old.get(key))} -> {_short(new.get(key))}")
         if diffs:
             raise OptionError(f"--resume: the interrupted job in {self.folder} was started with different "
                               f"options or inputs ({'; '.join(diffs)}); rerun with the job's options, or drop --resume to start over")
@@ -115,12 +119,18 @@ def _short(value) -> str:
 
 
 def _unname_closed_shards(folder: Path, n_done: int) -> None:
-    """Give shards renamed by `ShardedWriter.close()` their working names back."""
-    for i in range(1, n_done + 1):
+    """Give shards renamed by `ShardedWriter.close()` their working names back: the saved state's
+    done shards and the one open then (flushed by the close), so it is recovered like any flushed
+    shard; the shards after it are removed by the caller."""
+    finals = {int(p.name.split("-")[1]): p for p in folder.glob("model-*-of-*.safetensors")}
+    if (folder / "model.safetensors").exists():
+        finals.setdefault(1, folder / "model.safetensors")
+    for i, final in sorted(finals.items()):
         working = folder / f"shard-{i:05d}.safetensors"
-        for final in (folder / "model.safetensors", *folder.glob(f"model-{i:05d}-of-*.safetensors")):
-            if not working.exists() and final.exists() and (n_done == 1 or final.name != "model.safetensors"):
-                final.rename(working)
+        if i <= n_done + 1 and not working.exists():
+            final.rename(working)
+        else:
+            final.unlink()
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)
 
 
