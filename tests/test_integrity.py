@@ -147,6 +147,7 @@ def check_first_output(verb: str, out: Path, src: Path, reference: dict) -> None
         assert_verifies(out / "tiny-rtn", src)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb", ["quantize-rtn", "quantize-bnb-nf4", "calibrate", "eval", "run"])
 def test_a_second_writer_is_refused_and_touches_nothing(verb, src, reference, tmp_path):
     out = tmp_path / "out"
@@ -169,6 +170,7 @@ def test_a_second_writer_is_refused_and_touches_nothing(verb, src, reference, tm
 
 
 # -- killed writers, changed inputs -------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_leaves_no_stale_lock_and_resume_refuses_a_changed_source_or_calibration(src, tmp_path):
     source = tmp_path / "src"
     shutil.copytree(src, source)
@@ -202,6 +204,7 @@ def test_sigkill_leaves_no_stale_lock_and_resume_refuses_a_changed_source_or_cal
     assert names_beside(out) == {"q"}
 
 
+@pytest.mark.slow
 def test_a_staged_shard_that_does_not_read_back_as_written_is_never_committed(src, tmp_path):
     out = tmp_path / "out"
     first = held(["quantize", src, out, *RTN], "commit", tmp_path / "pause")
@@ -231,6 +234,7 @@ def kill_point(points: list[str], seed: int) -> tuple[str, int]:
     return rng.choice(pool)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_a_run_killed_at_a_write_boundary_leaves_nothing_or_the_whole(reference, src, tmp_path, seed):
     point, count = kill_point(reference["points"], seed)
@@ -256,3 +260,85 @@ def test_a_run_killed_at_a_write_boundary_leaves_nothing_or_the_whole(reference,
     assert rc == 0, (where, err[-2000:])
     assert tree_digest(out) == reference["digest"], where
     assert names_beside(out) <= {"q", ".q.lock"}, where  # a killed holder's lock file may stay; it blocks nothing
+
+
+# -- the pieces, in process ---------------------------------------------------------------------
+def test_the_lock_is_exclusive_across_processes_and_reentrant_within_one(tmp_path):
+    from solar_quant.checkpoint.lock import OutputLock
+
+    out = tmp_path / "out"
+    probe = ("import sys; from solar_quant.checkpoint.lock import OutputLock; from solar_quant.errors import OutputError\n"
+             "try:\n    OutputLock(sys.argv[1]).acquire()\nexcept OutputError as e:\n    print(e)\n")
+    with OutputLock(out):
+        with OutputLock(out):  # a nested step of the same process
+            pass
+        other = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True,
+                               env={**os.environ, **ENV}, timeout=120)
+        assert f"another solar-quant command is writing it (pid {os.getpid()} on host " in other.stdout, other
+        assert (tmp_path / ".out.lock").is_file()
+    assert not (tmp_path / ".out.lock").exists()
+    free = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True,
+                          env={**os.environ, **ENV}, timeout=120)
+    assert free.returncode == 0 and free.stdout == "", free
+
+
+def test_sampled_identities_see_new_weights_under_the_same_header(tmp_path):
+    from solar_quant.checkpoint.identity import changes, file_identity
+
+    shard = tmp_path / "model.safetensors"
+    header = b'{"w":{"dtype":"U8","shape":[65536],"data_offsets":[0,65536]}}'
+    shard.write_bytes(len(header).to_bytes(8, "little") + header + bytes(65536))
+    small = {"samples": 4, "sample_bytes": 16, "full_hash_bytes": 1024}
+    before = file_identity(shard, **small)
+    assert "sampled_sha256" in before and "header_sha256" in before
+    data = bytearray(shard.read_bytes())
+    data[-1] = 1  # the last sample ends at the file's last byte
+    shard.write_bytes(bytes(data))
+    after = file_identity(shard, **small)
+    assert changes({"model.safetensors": before}, {"model.safetensors": after}, "source") == [
+        "source file model.safetensors changed content"]
+    assert file_identity(shard, **{**small, "full_hash_bytes": 1 << 30})["sha256"]  # small files: whole-file hash
+
+
+@pytest.mark.parametrize("damage", ["none", "appended", "other header", "index", "unlisted", "size"])
+def test_the_final_check_finds_a_staged_folder_that_does_not_read_back_as_written(tmp_path, damage):
+    import torch
+
+    from solar_quant.checkpoint import integrity
+    from solar_quant.checkpoint.manifest import write_manifest
+    from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
+    from solar_quant.errors import IntegrityError
+
+    staged = StagedFolder(tmp_path / "out")
+    writer = ShardedWriter(staged.staging, max_shard_bytes=300)
+    for i in range(4):
+        writer.add(f"t{i}", torch.arange(64, dtype=torch.float16) + i)
+    writer.close()
+    shard, other = sorted(staged.staging.glob("model-*.safetensors"))
+    index = staged.staging / "model.safetensors.index.json"
+    write_manifest(staged.staging)
+    if damage == "appended":
+        with open(shard, "ab") as f:
+            f.write(bytes(8))
+    elif damage == "other header":  # a valid shard, but not the one this writer wrote
+        shard.write_bytes(other.read_bytes())
+    elif damage == "index":
+        doc = json.loads(index.read_text())
+        doc["weight_map"]["t0"] = other.name
+        index.write_text(json.dumps(doc))
+    elif damage == "unlisted":
+        (staged.staging / "stray.txt").write_text("x")
+    elif damage == "size":
+        doc = json.loads((staged.staging / "manifest.json").read_text())
+        doc["files"][shard.name]["bytes"] += 1
+        (staged.staging / "manifest.json").write_text(json.dumps(doc))
+    findings = integrity.staged_findings(staged.staging)
+    assert (findings == []) == (damage == "none"), findings
+    if damage == "none":
+        assert staged.commit() == tmp_path / "out"
+        return
+    if damage in ("unlisted", "size"):
+        return  # the manifest disagrees with the disk; commit's fresh manifest would list the truth
+    with pytest.raises(IntegrityError, match="failed its final check"):  # damage a fresh manifest cannot hide
+        staged.commit()
+    assert names_beside(tmp_path / "out") == set()

@@ -63,8 +63,9 @@ def _manifest_findings(folder: Path, exclude: tuple[str, ...]) -> tuple[list[str
     findings = [f"{folder / n}: listed in manifest.json but missing" for n in listed if n not in present]
     findings += [f"{folder / n}: present but not listed in manifest.json" for n in present if n not in listed]
     for n, p in present.items():
-        if n in listed and not isinstance(listed[n], dict) or n in listed and listed[n].get("bytes") != p.stat().st_size:
-            findings.append(f"{p}: {p.stat().st_size} bytes on disk but manifest.json lists {listed[n].get('bytes')}")
+        recorded = listed[n].get("bytes") if isinstance(listed.get(n), dict) else None
+        if n in listed and recorded != p.stat().st_size:
+            findings.append(f"{p}: {p.stat().st_size} bytes on disk but manifest.json lists {recorded}")
     return findings, listed
 
 

@@ -12,6 +12,7 @@ Within one process the lock is re-entrant (a run's nested steps may take it agai
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import errno
 import fcntl
@@ -41,8 +42,10 @@ def describe_holder(info: dict | None) -> str:
 class OutputLock:
     """`with OutputLock(out):` — or `acquire()` / `release()` — held while OUT is written."""
 
-    def __init__(self, target: str | Path):
+    def __init__(self, target: str | Path, shown: str | Path | None = None):
+        """`shown`: the path a failure to create the lock file names (default: `target`)."""
         self.target = Path(target)
+        self.shown = Path(shown or target)
         self.path = lock_path(self.target)
         self._mine = False
 
@@ -53,6 +56,9 @@ class OutputLock:
         if key in _held:
             _held[key][1] += 1
         else:
+            if not _held:
+                atexit.unregister(_release_all)
+                atexit.register(_release_all)
             _held[key] = [self._lock_file(), 1]
             boundary("lock")
         self._mine = True
@@ -63,7 +69,9 @@ class OutputLock:
             return
         self._mine = False
         key = str(self.path)
-        entry = _held[key]
+        entry = _held.get(key)
+        if entry is None:  # released at exit already
+            return
         entry[1] -= 1
         if entry[1]:
             return
@@ -87,16 +95,13 @@ class OutputLock:
         self.release()
 
     def _lock_file(self) -> int:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"{self.target}: cannot create its folder ({e.strerror}); choose another output folder") from None
         while True:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as e:
-                raise OutputError(f"{self.target}: cannot create the lock file {self.path.name} ({e.strerror}); "
-                                  "choose a writable output folder") from None
+                raise OutputError(f"{self.shown}: cannot write ({e.strerror}); free disk space or choose another "
+                                  "output folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -112,6 +117,17 @@ class OutputLock:
             os.close(fd)  # its previous holder removed it between our open and our lock
         _write_holder(fd)
         return fd
+
+
+def _release_all() -> None:
+    """At exit, remove the lock files this process still holds (the OS would drop the locks anyway)."""
+    for key, (fd, _) in list(_held.items()):
+        del _held[key]
+        try:
+            os.unlink(key)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -43,7 +43,7 @@ class StagedFolder:
     def __init__(self, final: str | Path, overwrite: bool = False, resume: bool = False):
         self.final = Path(final)
         self.staging = self.final.parent / f".{self.final.name}.partial"
-        self.lock = OutputLock(self.final).acquire()  # a second writer is refused here, before touching anything
+        self.lock = OutputLock(self.final, shown=self.staging).acquire()  # a second writer is refused here
         try:
             self._recover_swap()
             if self.final.exists() and not overwrite:
