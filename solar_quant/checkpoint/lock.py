@@ -97,7 +97,8 @@ class OutputLock:
     def _lock_file(self) -> int:
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                if not self.path.parent.exists():  # (a file in its place fails at open, "Not a directory")
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as e:
                 raise OutputError(f"{self.shown}: cannot write ({e.strerror}); free disk space or choose another "

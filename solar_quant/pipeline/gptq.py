@@ -151,11 +151,10 @@ def partial_group_warnings(shape: LlamaShape, gptq: GptqOptions) -> list[dict]:
 
 def _job_spec(reader, gptq, calib, output, dev) -> dict:
     from solar_quant.calibration.artifact import ids_sha256
+    from solar_quant.checkpoint.identity import source_identity
 
     options = {**gptq.model_dump(), "shard_size": output.shard_size, "rope_scaling": output.rope_scaling,
                "device": str(dev)}
-    from solar_quant.checkpoint.identity import source_identity
-
     inputs = {"source": reader.identity()["sha256"],
               "calibration": ids_sha256(calib.input_ids) if calib is not None else None,
               "source_files": source_identity(reader.path, reader.shards, SIDE_FILES)}

@@ -67,7 +67,7 @@ class Job:
         diffs = changes(old_files, new_files or {}, "source") if old_files != new_files else []  # naming each file
         for section in ("options", "inputs"):
             old, new = self.spec.get(section, {}), spec.get(section, {})
-            for key in sorted(set(old) | set(new) - {"source_files"}):
+            for key in sorted((set(old) | set(new)) - {"source_files"}):
                 if old.get(key) != new.get(key):
                     diffs.append(f"{INPUT_NAMES.get(key, key)} {_short(old.get(key))} -> {_short(new.get(key))}")
         if diffs:
