@@ -2,7 +2,7 @@
 renamed, and the source identities a resumable job records (and `--resume` recomputes).
 
 Protocol:
-  1. SmolLM2-135M-Instruct (fp16, one 269 MB shard): `solar-quant quantize` with bnb-nf4 and with
+  1. SmolLM2-135M-Instruct (fp16, three 100 MB shards): `solar-quant quantize` with bnb-nf4 and with
      RTN 4-bit g128, each a fresh child process (wall time); then, in this process, on each
      output folder: the final check (`integrity.staged_findings`, with the written layout
      registered as `ShardedWriter.close` registers it), the manifest hashing that every
