@@ -6,6 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from solar_quant.checkpoint.atomic import atomic_write_bytes
+from solar_quant.checkpoint.hooks import boundary
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -19,8 +22,6 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
 
 def build_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
     """`exclude`: top-level names (files or folders) left out."""
-    from solar_quant.checkpoint.hooks import boundary
-
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
                    and p.relative_to(folder).parts[0] not in exclude)
     listed = {}
@@ -31,8 +32,6 @@ def build_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
 
 
 def write_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
-    from solar_quant.checkpoint.writer import atomic_write_bytes
-
     doc = build_manifest(folder, exclude)
     atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode())
     return doc
