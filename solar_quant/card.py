@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 
-BNB_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4")
+from solar_quant import registry
 
 
 def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license: str | None, variant: dict,
                 record: dict, fit_rows: list[dict], eval_rows: list[dict], eval_protocol: dict | None,
                 plots: list[str], folder_bytes: int) -> str:
-    """`variant` = {"name", "method", "options", "rope"}; `fit_rows`/`eval_rows` are plain dicts."""
+    """`variant` = {"name", "method", "options", "rope"}; `fit_rows`/`eval_rows` are plain dicts.
+
+    What is particular to the method (its description, what it streams, whether it records
+    calibration) and to its format (install line, loading note, serving) comes from their entries."""
+    method = registry.method(variant["method"])
     parts = [
         f"# {variant['name']}",
         "",
-        f"{_describe(variant)} of **{model_name}**, produced by solar-quant {record.get('version', '')} "
+        f"{method.describe(variant['options'])} of **{model_name}**, produced by solar-quant {record.get('version', '')} "
         f"from the recipe `{recipe_name}`, streaming the 16-bit checkpoint one "
-        f"{'tensor' if variant['method'] in BNB_METHODS else 'decoder layer'} at a time.",
+        f"{method.streams} at a time.",
         "",
         f"Licence: {license or 'same as the source checkpoint'} (carried over from the source model).",
         "",
@@ -25,7 +29,7 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
         "",
         f"Folder size {folder_bytes / 1e9:.3f} GB ({folder_bytes:,} bytes). `manifest.json` lists the sha256 of every file; "
         "`solar-quant verify` checks them and the format's invariants. `solar_quant.json` records the tool version, "
-        "options, source checkpoint identity" + (", calibration card and per-layer quantization error." if variant["method"] == "gptq" else "."),
+        "options, source checkpoint identity" + (", calibration card and per-layer quantization error." if method.needs_calibration else "."),
         "",
         "## Rope scaling",
         "",
@@ -56,21 +60,6 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
     return "\n".join(parts)
 
 
-def _describe(v: dict) -> str:
-    o = v["options"]
-    m = v["method"]
-    if m == "bnb-int8":
-        return "A bitsandbytes LLM.int8() (8-bit) variant"
-    if m in ("bnb-nf4", "bnb-fp4"):
-        return f"A bitsandbytes {m[4:].upper()} 4-bit variant" + (" with double quantization" if o.get("double_quant") else "")
-    g = o.get("group_size")
-    grouping = "no grouping" if g == -1 else f"group size {g}"
-    name = "GPTQ" if m == "gptq" else "round-to-nearest (RTN), GPTQ v1 layout,"
-    clip = f"clipping search (norm {o['mse']}), " if o.get("mse") else ""
-    return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
-            f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
-
-
 def _rope_text(rope: dict) -> str:
     if rope.get("rope_type") in ("dynamic", "linear"):
         return (f"`config.json` carries `rope_parameters = {json.dumps(rope)}`: transformers applies {rope['rope_type']} "
@@ -91,13 +80,9 @@ def _fmt(v) -> str:
 
 
 def _loading_code(v: dict) -> str:
-    extra = "pip install 'transformers>=5.24' accelerate bitsandbytes" if v["method"] in BNB_METHODS else \
-        "pip install 'transformers>=5.24' accelerate optimum gptqmodel"
-    note = ""
-    if v["method"] not in BNB_METHODS and v.get("k_not_divisible"):
-        note = ("\n# Some layers' input size is not a multiple of the group size: on CPU pick the kernel that handles it:\n"
-                "# from transformers import GPTQConfig\n"
-                f"# model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits={v['options'].get('bits')}, backend=\"gptq_torch\"))\n")
+    fmt = registry.format_of_method(v["method"])
+    extra = fmt.card_install
+    note = fmt.card_loading_note(v) if fmt.card_loading_note else ""
     return f"""```bash
 {extra}
 ```
@@ -121,17 +106,5 @@ transformers 5 (`TypeError`); this folder needs neither."""
 
 
 def _serving(v: dict) -> str:
-    rope = v["rope"]
-    max_len = 10240 if rope.get("rope_type") == "dynamic" else None
-    if v["method"] in BNB_METHODS:
-        return ("vLLM loads pre-quantized bitsandbytes folders: "
-                f"`vllm serve {v['name']} --quantization bitsandbytes{' --max-model-len %d' % max_len if max_len else ''}`. "
-                "TGI quantizes with bitsandbytes at load time from the 16-bit source instead "
-                "(`--quantize bitsandbytes-nf4` / `bitsandbytes`), so serve this folder with transformers or vLLM.")
-    lines = [f"vLLM: `vllm serve {v['name']} --quantization gptq{' --max-model-len %d' % max_len if max_len else ''}`.",
-             f"TGI: `text-generation-launcher --model-id /data/{v['name']} --quantize gptq"
-             + (f" --rope-scaling {rope['rope_type']} --rope-factor {rope.get('factor')} --max-total-tokens {max_len}" if max_len else "") + "`."]
-    if v.get("k_not_divisible"):
-        lines.append("Note: some layers' input size is not a multiple of the group size; vLLM's Marlin kernels refuse "
-                     "such layers (use `--quantization gptq` with the exllama/triton path or transformers).")
-    return "\n".join(lines)
+    fmt = registry.format_of_method(v["method"])
+    return fmt.card_serving(v) if fmt.card_serving else ""

@@ -6,12 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+from solar_quant import registry
 from solar_quant.architecture import LlamaShape
 from solar_quant.card import render_card
 from solar_quant.checkpoint.lock import OutputLock
 from solar_quant.checkpoint.manifest import write_manifest
 from solar_quant.checkpoint.writer import atomic_write_bytes
-from solar_quant.formats.sizes import Variant
+from solar_quant.registry import Variant
 from solar_quant.recipe import Recipe, VariantSection
 from solar_quant.rope import read_rope
 
@@ -20,10 +21,8 @@ FIT_CONTEXTS = (4096, 10240)
 
 
 def variant_of(options) -> Variant:
-    """The `plan` variant that a recipe's quantize options produce."""
-    if options.method.startswith("bnb-"):
-        return Variant(options.method, double_quant=options.double_quant, bits=8 if options.method == "bnb-int8" else 4)
-    return Variant("gptq", bits=options.bits, group_size=options.group_size, act_order=options.act_order)
+    """The `plan` variant that a recipe's quantize options produce (its method entry says)."""
+    return registry.method(options.method).variant(options)
 
 
 def fit_rows(shape: LlamaShape, variant: Variant) -> list[dict]:
