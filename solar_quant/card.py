@@ -10,11 +10,14 @@ from solar_quant import registry
 
 def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license: str | None, variant: dict,
                 record: dict, fit_rows: list[dict], eval_rows: list[dict], eval_protocol: dict | None,
-                plots: list[str], folder_bytes: int) -> str:
+                plots: list[str], folder_bytes: int, tasks_text: str | None = None,
+                serving_rope: str | None = None) -> str:
     """`variant` = {"name", "method", "options", "rope"}; `fit_rows`/`eval_rows` are plain dicts.
 
     What is particular to the method (its description, what it streams, whether it records
-    calibration) and to its format (install line, loading note, serving) comes from their entries."""
+    calibration) and to its format (install line, loading note, serving) comes from their entries.
+    `tasks_text` (the lm-eval task table) and `serving_rope` (which rope each runtime applies) are
+    added when the run measured them."""
     method = registry.method(variant["method"])
     parts = [
         f"# {variant['name']}",
@@ -49,7 +52,10 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
     if plots:
         parts += ["Long context, by position (baseline and this variant, with the run's other variants):", "",
                   " ".join(f"![{name}]({name})" for name in plots), ""]
-    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", _serving(variant), "",
+    if tasks_text:
+        parts += ["## Task scores against fp16 (lm-eval)", "", tasks_text, ""]
+    serve = _serving(variant) + (f"\n\n{serving_rope}" if serving_rope else "")
+    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", serve, "",
               "## Recipe", "", "```toml", recipe_text.strip(), "```", ""]
     calib = record.get("calibration")
     if calib:
