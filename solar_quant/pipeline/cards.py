@@ -9,7 +9,9 @@ from pathlib import Path
 from solar_quant import registry
 from solar_quant.architecture import LlamaShape
 from solar_quant.card import render_card
+from solar_quant.checkpoint.lock import OutputLock
 from solar_quant.checkpoint.manifest import write_manifest
+from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.registry import Variant
 from solar_quant.recipe import Recipe, VariantSection
 from solar_quant.rope import read_rope
@@ -57,8 +59,9 @@ def write_card(recipe: Recipe, recipe_path: Path, model_path: Path, v: VariantSe
                        plots=plots, folder_bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
                        tasks_text=tasks_section(report, folder, rope_reports or {}) if report else None,
                        serving_rope=serving_rope_line(variant["rope"], cfg, report, folder, rope_reports or {}))
-    (folder / "README.md").write_text(text)
-    write_manifest(folder)
+    with OutputLock(folder):  # one writer per folder, as while it was staged
+        atomic_write_bytes(folder / "README.md", text.encode())
+        write_manifest(folder)
     return folder / "README.md"
 
 

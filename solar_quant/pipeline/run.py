@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.errors import GateError, OutputError, VerificationError
 from solar_quant.options import OutputOptions, parse_size
 from solar_quant.progress import log as default_log
@@ -45,6 +46,15 @@ def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
 
 def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = None, resume: bool = False,
                overwrite: bool = False, log=default_log) -> RunResult:
+    """Carry out the recipe into its run folder, holding that folder's lock (one run per folder)."""
+    from solar_quant.checkpoint.lock import OutputLock
+
+    with OutputLock(out or Path("out") / load_recipe(recipe_path).name):
+        return _run_recipe(recipe_path, model=model, out=out, resume=resume, overwrite=overwrite, log=log)
+
+
+def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume: bool, overwrite: bool,
+                log) -> RunResult:
     recipe = load_recipe(recipe_path)
     model_path = resolve_model(recipe, model)
     if model_path is None:
@@ -88,10 +98,10 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
             result.rope_reports[rope] = _eval_under(recipe, rope, model_path, result, root, log)
     timed("cards", _write_cards, recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
-    (root / "run.json").write_text(json.dumps({
+    atomic_write_bytes(root / "run.json", (json.dumps({
         "recipe": str(recipe_path), "model": str(model_path), "variants": {k: str(v) for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
-        "seconds": round(time.monotonic() - started, 1), "timings": timings}, indent=2) + "\n")
+        "seconds": round(time.monotonic() - started, 1), "timings": timings}, indent=2) + "\n").encode())
     return result
 
 
