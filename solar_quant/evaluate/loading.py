@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,13 +185,33 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
     return LoadedModel(model, str(path), method, rope, time.monotonic() - start, notes)
 
 
+BNB_CPU_KERNEL_ENV = "SOLAR_QUANT_BNB_CPU_KERNEL"  # auto (bitsandbytes decides) | generic
+
+
+def bnb_cpu_kernel_allowed() -> bool:
+    """Whether bitsandbytes' AVX-512-bf16 4-bit CPU path may run: the CPU has it and
+    SOLAR_QUANT_BNB_CPU_KERNEL does not ask for the generic kernel (dequantize, then a plain
+    matmul), which every x86-64 machine runs the same way."""
+    choice = os.environ.get(BNB_CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "generic"):
+        raise OptionError(f"{BNB_CPU_KERNEL_ENV}={choice!r}: expected auto or generic")
+    if choice == "generic":
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
 def _bnb_cpu_compute(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     """On CPU run bnb 4-bit layers in the eval dtype (fp16 matmuls are slow there); weights unchanged.
 
-    Returns notes for the report describing what runs differently from the folder's own settings."""
+    Returns notes for the report describing what runs differently from the folder's own settings,
+    and which 4-bit kernel runs: bitsandbytes repacks weights for its AVX-512-bf16 kernel (bf16
+    activations) where the CPU has it, and dequantizes them for a plain matmul elsewhere."""
     import bitsandbytes as bnb
 
-    changed, unpacked, int8 = 0, 0, 0
+    allowed = bnb_cpu_kernel_allowed()
+    changed, unpacked, packed, generic, int8 = 0, 0, 0, 0, 0
     for module in model.modules():
         int8 += isinstance(module, bnb.nn.Linear8bitLt)
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -201,14 +222,26 @@ def _bnb_cpu_compute(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
         # bnb 0.50's AVX512-bf16 repacking assumes in_features % blocksize == 0 and fails otherwise;
         # such layers keep the generic kernel (same weights, same math).
         state = getattr(module.weight, "quant_state", None)
-        if state is not None and module.in_features % state.blocksize and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            unpacked += 1
+        use = allowed and not (state is not None and module.in_features % state.blocksize)
+        unpacked += allowed and not use
+        module.support_avx512bf16_for_cpu = use
+        packed += use
+        generic += not use
     notes = [f"bnb 4-bit compute dtype set to {str(dtype).removeprefix('torch.')} on cpu"] if changed else []
     if int8:
         notes.append("bnb int8 layers cast their inputs to float16 for the int8 matmul (as bitsandbytes does)")
-    return notes + ([f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel"]
-                    if unpacked else [])
+    if unpacked:
+        notes.append(f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel")
+    if packed or generic:
+        notes.append(bnb_kernel_note(packed, generic))
+    return notes
+
+
+def bnb_kernel_note(packed: int, generic: int) -> str:
+    """The report's line naming the 4-bit CPU kernels that ran (numbers differ slightly between them)."""
+    parts = ([f"AVX-512-bf16 (bf16 activations) on {packed} layer(s)"] if packed else []) + \
+        ([f"generic (dequantize + matmul) on {generic} layer(s)"] if generic else [])
+    return "bnb 4-bit cpu kernel: " + ", ".join(parts)
 
 
 def release() -> None:
