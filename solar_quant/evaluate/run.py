@@ -52,6 +52,7 @@ class Plan:
     sections: list[Section]
     passkey_template: str | None
     protocol: dict
+    names: dict[str, str]  # folder path -> the name reports use (reports carry no local path)
 
 
 def _sections(opts: EvalOptions, n_tokens: int) -> list[Section]:
@@ -81,6 +82,7 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         rope = None
     read_device_map(opts.device_map)
     identities = {p: model_identity(p) for p in [baseline, *variants]}
+    names = dict(zip([baseline, *variants], _names([baseline, *variants])))
     tok = {p: check_same_tokenizer(baseline, p) for p in variants}[variants[0]]
     if any(i["quant_method"] == "gptq" for i in identities.values()):
         require_gptq_runtime()
@@ -99,7 +101,7 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         for c in sorted(set(opts.contexts)):  # fails now, not after the baseline pass, when c is too short
             pk.build_prompt(tokenizer, "00000", 0.5, c - pk.NEW_TOKENS, template)
     protocol = {
-        "text": {"source": text.source, "sha256": text.sha256, "chars": len(text.text)},
+        "text": {"source": text.label, "sha256": text.sha256, "chars": len(text.text)},
         "tokenizer": {**tok, "add_special_tokens": True}, "tokens": len(stream),
         "tokens_sha256": hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
         "sections": {s.name: s.protocol for s in sections},
@@ -110,10 +112,11 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
                                                   "trials": opts.passkey_trials, "seed": opts.passkey_seed,
                                                   "new_tokens": pk.NEW_TOKENS, "contexts": sorted(set(opts.contexts))},
         "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_map": opts.device_map,
-        "memory_estimate": memory, "identities": identities,
-        "rope": {p: effective_rope(p, rope, opts.trained_length) for p in identities},
+        "memory_estimate": {names[p]: m for p, m in memory.items()},
+        "identities": {names[p]: i for p, i in identities.items()},
+        "rope": {names[p]: effective_rope(p, rope, opts.trained_length) for p in identities},
     }
-    return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol), identities
+    return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol, names), identities
 
 
 def _load(path: str, plan: Plan, opts: EvalOptions, log) -> LoadedModel:
@@ -149,7 +152,7 @@ def _passkey(loaded: LoadedModel, plan: Plan, opts: EvalOptions, label: str) -> 
 
 def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache, log) -> tuple[dict, dict, dict]:
     """Per-section baseline tensors and passkey results, from the cache or computed once and saved."""
-    ident = [plan.protocol["identities"][baseline].get(k) for k in ("sha256", "files_sha256")]
+    ident = [plan.protocol["identities"][plan.names[baseline]].get(k) for k in ("sha256", "files_sha256")]
     common = {"baseline": ident, "tokens": plan.protocol["tokens_sha256"], "k": opts.kl_topk,
               "dtype": plan.protocol["dtype"], "device": plan.device.type, "rope": plan.protocol["rope_override"],
               "trained_length": opts.trained_length}
@@ -199,6 +202,14 @@ def _model_result(plan: Plan, per_section: dict, base: dict, variant: bool) -> d
     return out
 
 
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the report folder when inside it, else its name (reports carry no local path)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path.name
+
+
 def _names(paths: list[str]) -> list[str]:
     """Folder names, made unique ('x', 'x#2') so a model compared with itself stays readable."""
     seen: dict[str, int] = {}
@@ -221,8 +232,9 @@ def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str
     cache = BaselineCache(opts.cache_dir or Path(out_dir) / "baseline-cache")
     base_data, base_passkey, base_info = _baseline(baseline, plan, opts, cache, log)
     names = _names([baseline, *variants])
-    base_entry = {"name": names[0], "role": "baseline", "path": str(baseline),
-                  "identity": identities[baseline], "rope": plan.protocol["rope"][baseline], **base_info,
+    base_info["cache_dir"] = _relative(Path(base_info["cache_dir"]), Path(out_dir))
+    base_entry = {"name": names[0], "role": "baseline",
+                  "identity": identities[baseline], "rope": plan.protocol["rope"][names[0]], **base_info,
                   **_model_result(plan, base_data, base_data, variant=False), "passkey": base_passkey}
     entries = [base_entry]
     for path, name in zip(variants, names[1:]):
@@ -234,7 +246,7 @@ def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str
             _score(loaded, plan, s, collector, name)
             per_section[s.name] = collector.tensors()
         passkey = _passkey(loaded, plan, opts, name) if plan.passkey_template else {}
-        entries.append({"name": name, "role": "variant", "path": str(path), "identity": identities[path],
+        entries.append({"name": name, "role": "variant", "identity": identities[path],
                         "rope": loaded.rope, "notes": loaded.notes, "load_s": loaded.load_s,
                         "eval_s": time.monotonic() - start,
                         **_model_result(plan, per_section, base_data, variant=True), "passkey": passkey})

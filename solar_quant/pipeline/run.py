@@ -9,6 +9,7 @@ Layout of the run folder (default `out/<recipe name>`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -76,8 +77,9 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
             result.report = json.loads((root / "eval" / "report.json").read_text())
     _write_cards(recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
-    (root / "run.json").write_text(json.dumps({
-        "recipe": str(recipe_path), "model": str(model_path), "variants": {k: str(v) for k, v in result.variants.items()},
+    (root / "run.json").write_text(json.dumps({  # names and sha256s, no local paths (the folder may be published)
+        "recipe": {"name": Path(recipe_path).name, "sha256": hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()},
+        "model": reader.identity(), "variants": {k: v.name for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
         "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     return result
@@ -133,8 +135,10 @@ def _verify(path: Path, source: Path, log) -> None:
 def _write_cards(recipe: Recipe, recipe_path: Path, model_path: Path, result: RunResult) -> None:
     from solar_quant.pipeline.cards import write_card
 
+    text = recipe_path.read_text()
     for v in recipe.variants:
-        write_card(recipe, recipe_path, model_path, v, result.variants[v.name], result.report, result.out / "eval")
+        write_card(result.variants[v.name], report=result.report, eval_dir=result.out / "eval", recipe=recipe,
+                   recipe_text=text, recipe_name=recipe_path.name)
 
 
 def _summary(result: RunResult) -> list[dict]:
@@ -143,7 +147,7 @@ def _summary(result: RunResult) -> list[dict]:
     rows = []
     for name, path in result.variants.items():
         size = sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
-        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": str(path)}
+        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": path.name}
         if result.report:
             row.update(eval_row_for(result.report, path))
         rows.append(row)
