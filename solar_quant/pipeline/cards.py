@@ -28,12 +28,13 @@ FIT_LOGITS = "last"  # the card's table is for generation (serving); eval's all-
 RECIPE_COPY = "recipe.toml"
 
 
-def variant_of(method: str, options: dict) -> Variant:
-    """The `plan` variant that a folder's quantize options produce."""
+def variant_of(options) -> Variant:
+    """The `plan` variant that quantize options produce (the typed options, or the dict a record holds)."""
+    o = options.model_dump() if hasattr(options, "model_dump") else dict(options)
+    method = o["method"]
     if method.startswith("bnb-"):
-        return Variant(method, double_quant=bool(options.get("double_quant")), bits=8 if method == "bnb-int8" else 4)
-    return Variant("gptq", bits=int(options["bits"]), group_size=int(options["group_size"]),
-                   act_order=bool(options.get("act_order")))
+        return Variant(method, double_quant=bool(o.get("double_quant")), bits=8 if method == "bnb-int8" else 4)
+    return Variant("gptq", bits=int(o["bits"]), group_size=int(o["group_size"]), act_order=bool(o.get("act_order")))
 
 
 def fit_rows(shape: LlamaShape, variant: Variant) -> list[dict]:
@@ -94,7 +95,7 @@ def write_card(folder: str | Path, *, report: dict | None = None, eval_dir: Path
             if src.resolve() != (folder / src.name).resolve():
                 shutil.copyfile(src, folder / src.name)
             plots.append(src.name)
-    plan_variant = variant_of(method, options)
+    plan_variant = variant_of({**options, "method": method})
     shape = LlamaShape.from_config(cfg)
     variant = {"name": folder.name, "method": method, "options": options, "rope": read_rope(cfg),
                "partial_groups": partial_group_linears(folder) if method in ("gptq", "rtn") else {},
