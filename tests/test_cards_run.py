@@ -75,6 +75,12 @@ def runnable(code: str, folder: Path) -> str:
 
 
 def run_script(code: str, where: Path) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter. Under SOLAR_QUANT_BNB_CPU_KERNEL=generic (the suite run as a
+    machine without AVX-512-bf16 would run it) bitsandbytes is first told the CPU lacks it."""
+    from solar_quant.evaluate.loading import BNB_CPU_KERNEL_ENV
+
+    if os.environ.get(BNB_CPU_KERNEL_ENV, "").strip().lower() == "generic":
+        code = "import bitsandbytes.nn.modules as _bnb\n_bnb.has_avx512bf16 = lambda: False\n" + code
     script = where / "load_it.py"
     script.write_text(code)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}
