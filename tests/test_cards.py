@@ -49,6 +49,17 @@ def test_record_names_the_source_and_tells_its_hub_id_and_licence(nf4):
     assert "path" not in record["source"]
 
 
+def test_the_demo_model_is_known_by_its_hub_id(demo_model, tmp_path):
+    from solar_quant.models.demo import DEMO_LICENSE, DEMO_MODEL_ID
+    from solar_quant.variant import source_card_metadata
+
+    assert source_card_metadata(demo_model) == {"model_id": DEMO_MODEL_ID, "license": DEMO_LICENSE}
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "acme/named"}))
+    assert source_card_metadata(tmp_path) == {"model_id": "acme/named"}
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))  # a local path is no id
+    assert source_card_metadata(tmp_path) == {}
+
+
 def test_card_command_writes_hub_front_matter_from_the_source(nf4):
     from huggingface_hub import ModelCard
 
