@@ -52,7 +52,7 @@ class Plan:
     sections: list[Section]
     passkey_template: str | None
     protocol: dict
-    names: dict[str, str]  # folder path -> the name reports use (reports carry no local path)
+    names: list[str]  # baseline first, then each variant: the names reports use (no local paths)
 
 
 def _sections(opts: EvalOptions, n_tokens: int) -> list[Section]:
@@ -82,7 +82,8 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         rope = None
     read_device_map(opts.device_map)
     identities = {p: model_identity(p) for p in [baseline, *variants]}
-    names = dict(zip([baseline, *variants], _names([baseline, *variants])))
+    paths = [baseline, *variants]
+    names = _names(paths)
     tok = {p: check_same_tokenizer(baseline, p) for p in variants}[variants[0]]
     if any(i["quant_method"] == "gptq" for i in identities.values()):
         require_gptq_runtime()
@@ -112,9 +113,9 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
                                                   "trials": opts.passkey_trials, "seed": opts.passkey_seed,
                                                   "new_tokens": pk.NEW_TOKENS, "contexts": sorted(set(opts.contexts))},
         "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_map": opts.device_map,
-        "memory_estimate": {names[p]: m for p, m in memory.items()},
-        "identities": {names[p]: i for p, i in identities.items()},
-        "rope": {names[p]: effective_rope(p, rope, opts.trained_length) for p in identities},
+        "memory_estimate": {n: memory[p] for p, n in zip(paths, names)},
+        "identities": {n: identities[p] for p, n in zip(paths, names)},
+        "rope": {n: effective_rope(p, rope, opts.trained_length) for p, n in zip(paths, names)},
     }
     return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol, names), identities
 
@@ -152,7 +153,7 @@ def _passkey(loaded: LoadedModel, plan: Plan, opts: EvalOptions, label: str) -> 
 
 def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache, log) -> tuple[dict, dict, dict]:
     """Per-section baseline tensors and passkey results, from the cache or computed once and saved."""
-    ident = [plan.protocol["identities"][plan.names[baseline]].get(k) for k in ("sha256", "files_sha256")]
+    ident = [plan.protocol["identities"][plan.names[0]].get(k) for k in ("sha256", "files_sha256")]
     common = {"baseline": ident, "tokens": plan.protocol["tokens_sha256"], "k": opts.kl_topk,
               "dtype": plan.protocol["dtype"], "device": plan.device.type, "rope": plan.protocol["rope_override"],
               "trained_length": opts.trained_length}
