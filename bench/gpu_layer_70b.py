@@ -1,26 +1,26 @@
-"""One Llama-2-70B decoder layer through our GPTQ on one GPU: seconds per phase, peak GPU memory,
-and the projection for the whole 80-layer model.
+"""One Llama-2-70B decoder layer through the shipped GPTQ layer quantizer on one GPU: seconds per
+phase, peak GPU memory, and the projection for the whole 80-layer model.
 
     PYTHONPATH=. python bench/gpu_layer_70b.py --device cuda --out gpu_layer_70b.json
 
 Needs only torch, transformers and safetensors (no pydantic, typer or bitsandbytes) and nothing
-from a hub. It imports our torch-only modules: `solar_quant.methods.{grid,gptq}` (the GPTQ math),
-`solar_quant.formats.gptq_v1` (the packer), `solar_quant.pipeline.layers` (LayerRunner: how the
-pipeline runs a layer over calibration activations in chunks) and `solar_quant.architecture`
-(true-sequential groups).
+from a hub. It runs the pipeline's own per-layer code, `solar_quant.pipeline.layer_quant`
+(`quantize_layer`, `collect_hessians`; torch and transformers only, configured with a plain
+`LayerQuantConfig`), over `solar_quant.pipeline.layers.LayerRunner`: the same Hessian
+collection, stacked solves, zero-Hessian check, packing and records as `solar-quant quantize`.
 
-What it does, as `solar_quant.pipeline.gptq.quantize_layer` does for every layer:
+What it does, per layer run:
 1. builds transformers' `LlamaDecoderLayer` with the 70B's shapes (hidden 8192, 64 heads / 8 KV
    heads, intermediate 28672), fp16 random weights (std 0.02) on the device;
 2. calibration activations: random normal hidden states [nsamples, seqlen, hidden]; in `gpu` mode
    they stay on the GPU in fp16 (2 x 4 GiB for 128 x 2048: input and output); in `cpu` mode they
-   live on the host in fp32 and each chunk is copied in and out, exactly as the pipeline does today;
-3. for each true-sequential group (q/k/v, o, gate/up, down): Hessian collection through forward
-   pre-hooks over all chunks (`--chunk-tokens` per forward, default the pipeline's 4096), each
-   chunk stopped once the group's inputs are seen; then one `gptq_quantize_shared` solve for the
-   group's linears (they share the Hessian; 4-bit g128, act-order, damp 0.01, block 128), the
-   dequantized weights written back, so later groups see the quantized earlier ones, and each
-   linear packed to GPTQ v1 on the device and copied to the host, as the pipeline does;
+   live on the host in fp32 and each chunk is copied in and out, as the pipeline does when they
+   do not fit;
+3. `quantize_layer` with a clock around each phase: per true-sequential group (q/k/v, o,
+   gate/up, down) Hessian collection over all chunks (`--chunk-tokens` per forward, default the
+   pipeline's 4096), one `gptq_quantize_shared` solve (4-bit g128, act-order, damp 0.01, block
+   `--block-size`), the record (relative errors), the dequantized weights written back, packing
+   to GPTQ v1 on the device and the copy to the host;
 4. forward of the quantized layer over all samples (the next layer's inputs).
 
 Hessians (`H = 2/n sum x x^T`, fp32) come from the pipeline's own `accumulate_hessian`, which
@@ -36,12 +36,14 @@ the output and the resume points (hidden states, fp32, every `--checkpoint-every
 measured write speed of `--scratch`. bnb nf4 conversion of the layer's seven weights is timed with
 `solar_quant.methods.bnb.quantize_4bit` when bitsandbytes is importable, else recorded as absent
 (`--bnb-only --device cpu` measures the CPU path on a machine that has it).
+
+On a machine without a GPU, `--device cpu` with scaled-down shapes (e.g. `--hidden 1024
+--intermediate 3584 --heads 8 --kv-heads 1 --nsamples 16 --seqlen 256`) runs the same code.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -55,11 +57,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS  # noqa: E402
-from solar_quant.formats.gptq_v1 import pack  # noqa: E402
-from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize_shared  # noqa: E402
-from solar_quant.methods.grid import QuantSpec  # noqa: E402
-from solar_quant.pipeline.layers import LayerRunner, capture_inputs  # noqa: E402
+from solar_quant.architecture import SEQUENTIAL_GROUPS  # noqa: E402
+from solar_quant.methods.gptq import accumulate_hessian  # noqa: E402
+from solar_quant.pipeline.layer_quant import LayerQuantConfig, collect_hessians, full_name, quantize_layer  # noqa: E402
+from solar_quant.pipeline.layers import LayerRunner  # noqa: E402
+
+# the layer quantizer's phase names -> the keys of this benchmark's JSON
+PHASES = {"hessian": "hessian", "solve": "gptq_solve", "record": "record", "write_back": "write_back",
+          "pack": "pack_on_device", "to_host": "to_host"}
 
 # -- timing helpers --------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
@@ -94,56 +99,9 @@ def fp32_accumulator(H, count: int, X: torch.Tensor):
     return accumulate_hessian(H, count, X.to(torch.float32))
 
 
-def collect_hessians(layer, runner, hidden, names, accumulate):
-    """As pipeline.gptq.collect_hessians: hook the group's first linear, stop each chunk there."""
-    modules = {n: layer.get_submodule(n) for n in names}
-    state = {n: (None, 0) for n in names}
-
-    def on_input(name, X):
-        state[name] = accumulate(*state[name], X)
-
-    handles = capture_inputs(modules, on_input)
-    try:
-        runner.feed(layer, hidden, until=modules[names[-1]])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: H for n, (H, _) in state.items()}
-
-
-class CompatRunner(LayerRunner):
-    """LayerRunner with `create_causal_mask` called by whatever keyword names the installed
-    transformers uses (5.24 takes `cache=`, older 5.x `past_key_values=`); used only when the
-    pipeline's own call would not work with this transformers."""
-
-    def inputs(self, hidden):
-        from transformers.masking_utils import create_causal_mask
-
-        params = inspect.signature(create_causal_mask).parameters
-        n, seqlen = hidden.shape[:2]
-        position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)
-        for start in range(0, n, self.chunk):
-            rows = slice(start, min(start + self.chunk, n))
-            h = hidden[rows].to(device=self.device, dtype=self.dtype)
-            kw = {"config": self.config, "attention_mask": None, "position_ids": position_ids,
-                  ("inputs_embeds" if "inputs_embeds" in params else "input_embeds"): h}
-            kw["cache" if "cache" in params else "past_key_values"] = None
-            if "cache_position" in params:
-                kw["cache_position"] = torch.arange(seqlen, device=self.device)
-            mask = create_causal_mask(**kw)
-            yield rows, h, {"attention_mask": mask, "position_ids": position_ids,
-                            "position_embeddings": self.rotary(h, position_ids)}
-
-
-def pipeline_runner_works() -> bool:
-    from transformers.masking_utils import create_causal_mask
-
-    params = inspect.signature(create_causal_mask).parameters
-    return "cache" in params and "inputs_embeds" in params
-
-
-def full_name(name: str) -> str:
-    return f"{'self_attn' if name in ATTN_LINEARS else 'mlp'}.{name}"
+class NoBar:
+    def step(self, text: str = "") -> None:
+        pass
 
 
 # -- one layer -------------------------------------------------------------------------------
@@ -163,38 +121,14 @@ def build_layer(config, device, dtype, seed: int):
     return layer.eval().requires_grad_(False)
 
 
-def quantize_one_layer(layer, runner, hidden, spare, spec, args, accumulate, device) -> dict:
-    """As `solar_quant.pipeline.gptq.quantize_layer`: per group one Hessian, one stacked solve of
-    the linears that share it, the dequantized weights written back, packing on the device and
-    the packed tensors copied to the host; then the quantized layer's forward."""
+def quantize_one_layer(layer, runner, hidden, spare, cfg: LayerQuantConfig, accumulate, device) -> dict:
+    """The pipeline's `quantize_layer` with each phase timed, then the quantized layer's forward."""
     clock = Clock(device)
-    packed = {}
-    errors = {}
-    for group in SEQUENTIAL_GROUPS:
-        names = [full_name(g) for g in group]
-        with clock("hessian"):
-            H = collect_hessians(layer, runner, hidden, [names[0]], accumulate)[names[0]]
-        weights = [layer.get_submodule(name).weight for name in names]
-        with clock("gptq_solve"):
-            qs = gptq_quantize_shared([w.detach().to(torch.float32) for w in weights], H, spec, blocksize=128,
-                                      percdamp=args.damp, actorder=args.act_order)
-        for name, weight, q in zip(names, weights, qs):
-            with clock("record"):  # what the pipeline's linear_record computes per linear
-                W = weight.detach().to(torch.float32)
-                dW = W - q.dequant
-                errors[name] = float(torch.sqrt(((dW @ H) * dW).sum() / ((W @ H) * W).sum()))
-                del W, dW
-            with clock("write_back"):
-                with torch.no_grad():
-                    weight.copy_(q.dequant)
-            with clock("pack_on_device"):
-                on_device = pack(q, spec.bits)
-            with clock("to_host"):
-                packed[name] = {k: t.cpu() for k, t in on_device.items()}
-            del on_device
-        del qs, q, H
+    packed, record = quantize_layer(0, layer, runner, hidden, cfg, NoBar(), lambda m: print(m, file=sys.stderr),
+                                    clock=lambda phase: clock(PHASES[phase]), accumulate=accumulate)
     with clock("forward"):
         runner.forward(layer, hidden, out=spare)
+    errors = {name: lin["rel_output_error"] for name, lin in record["linears"].items()}
     packed_bytes = sum(t.numel() * t.element_size() for p in packed.values() for t in p.values())
     return {"seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
             "total_s": round(sum(clock.seconds.values()), 3),
@@ -210,7 +144,7 @@ def hessian_comparison(layer, runner, hidden, device) -> dict:
     for label, fn in (("fp32", fp32_accumulator), ("library", accumulate_hessian)):
         clock = Clock(device)
         with clock("h"):
-            results[label] = collect_hessians(layer, runner, hidden, [name], fn)[name]
+            results[label] = collect_hessians(layer, runner, hidden, [name], accumulate=fn)[name]
         out[f"{label}_s"] = round(clock.seconds["h"], 3)
     a, b = results["fp32"], results["library"]
     out["rel_frobenius_difference"] = float((a - b).norm() / a.norm())
@@ -294,6 +228,8 @@ def main() -> None:
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--mse", type=float, default=0.0, help="clipping search norm per group (0: min/max range)")
+    ap.add_argument("--block-size", type=int, default=128, help="columns per lazy-update block (pipeline: 128)")
+    ap.add_argument("--static-groups", action="store_true", help="act-order: fix group parameters before reordering")
     ap.add_argument("--chunk-tokens", type=int, default=4096, help="calibration tokens per forward (pipeline: 4096)")
     ap.add_argument("--activations", default="gpu,gpu,cpu",
                     help="one entry per layer run: gpu (fp16 on the device) or cpu (fp32 on the host, chunks copied in "
@@ -346,16 +282,16 @@ def main() -> None:
     modes = args.activations.split(",")
     if any(m not in ("gpu", "cpu") for m in modes):
         raise SystemExit(f"gpu_layer_70b.py: error: --activations {args.activations!r}: a comma list of gpu / cpu")
-    runner_cls = LayerRunner if pipeline_runner_works() else CompatRunner
-    runner = runner_cls(config, device, dtype, chunk=max(1, args.chunk_tokens // args.seqlen))
-    doc["runner"] = ("solar_quant.pipeline.layers.LayerRunner" if runner_cls is LayerRunner else
-                     "CompatRunner: this transformers' create_causal_mask does not take the pipeline's keywords "
-                     "(cache=, inputs_embeds=); the pipeline's LayerRunner would fail here")
+    runner = LayerRunner(config, device, dtype, chunk=max(1, args.chunk_tokens // args.seqlen))
+    doc["runner"] = "solar_quant.pipeline.layers.LayerRunner"
+    doc["quantizer"] = "solar_quant.pipeline.layer_quant.quantize_layer"
     accumulate = accumulate_hessian if args.hessian == "library" else fp32_accumulator
     doc["hessian_kernel"] = ("solar_quant.methods.gptq.accumulate_hessian (the pipeline's: fp16 inputs on tensor "
                              "cores, fp32 accumulation, where torch has mm(out_dtype=float32))"
                              if args.hessian == "library" else "fp32 inputs, fp32 matmul")
-    spec = QuantSpec(args.bits, args.group_size, True, args.mse)
+    cfg = LayerQuantConfig(method="gptq", bits=args.bits, group_size=args.group_size, sym=True, mse=args.mse,
+                           act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                           block_size=args.block_size)
     doc["layers_run"] = []
     hidden = spare = None
     for i, mode in enumerate(modes):
@@ -373,10 +309,10 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         if i > 0:
             layer = build_layer(config, device, dtype, args.seed + 10 * i)
-        result = quantize_one_layer(layer, runner, hidden, spare, spec, args, accumulate, device)
+        result = quantize_one_layer(layer, runner, hidden, spare, cfg, accumulate, device)
         packed = result.pop("packed")
         if i == 0:
-            doc["pack_check"] = check_pack(layer, packed, spec)
+            doc["pack_check"] = check_pack(layer, packed, cfg.bits)
         hidden, spare = spare, hidden
         result["activations"] = {"where": str(hidden.device), "dtype": str(hidden.dtype).removeprefix("torch."),
                                  "bytes_per_copy": hidden.numel() * hidden.element_size(), "copies": 2,
@@ -414,12 +350,12 @@ def main() -> None:
                      indent=2))
 
 
-def check_pack(layer, packed: dict, spec: QuantSpec) -> dict:
+def check_pack(layer, packed: dict, bits: int) -> dict:
     """The packed q_proj, unpacked by `formats.gptq_v1.dequantize`, equals the layer's weight."""
     from solar_quant.formats.gptq_v1 import dequantize
 
     name = full_name("q_proj")
-    W = dequantize(packed[name], spec.bits)
+    W = dequantize(packed[name], bits)
     ref = layer.get_submodule(name).weight.detach().float().cpu()
     return {"q_proj_unpacked_equals_layer_weight": bool(torch.allclose(W, ref, rtol=0,
                                                                         atol=float(ref.abs().max()) * 1e-3))}

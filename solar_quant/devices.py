@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from solar_quant.errors import OptionError
+from solar_quant.memory import activations_fit
+
+__all__ = ["resolve_device", "compute_dtype", "activations_fit"]
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
@@ -26,9 +29,3 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     if requested == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
-
-
-def activations_fit(activation_bytes: int, working_bytes: int, free_bytes: int, headroom: float = 0.9) -> bool:
-    """Whether the calibration activations (both copies) can stay on the GPU next to one layer's
-    working set, within `headroom` of its free memory."""
-    return activation_bytes + working_bytes <= headroom * free_bytes

@@ -1,4 +1,5 @@
-"""Memory and GPU-fit arithmetic: exact weight bytes per variant, KV cache, runtime overhead,
+"""Memory and GPU-fit arithmetic: exact weight bytes per variant, KV cache, runtime overhead
+(the per-GPU terms from `solar_quant.memory`),
 and a contiguous layer split over GPUs that transformers/accelerate take as a `device_map`.
 
 Pure functions of a `LlamaShape`; nothing here reads tensor data or touches a GPU.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from solar_quant import memory
 from solar_quant.architecture import LlamaShape
 from solar_quant.errors import OptionError
 from solar_quant.formats.sizes import Variant, default_variants, linear_tensor_specs, spec_bytes
@@ -30,9 +32,9 @@ __all__ = ["Variant", "default_variants", "linear_tensor_specs", "weight_bytes",
 
 GIB = 1024**3
 GB = 10**9
-CUDA_CONTEXT_BYTES = 1 * GIB
-SCORING_BYTES_PER_LOGIT = 10.52  # measured: fp16 logits + fp32 upcast + log-softmax during a loss
-ACTIVATION_BYTES = 2  # fp16 activations
+CUDA_CONTEXT_BYTES = memory.CUDA_CONTEXT_BYTES
+SCORING_BYTES_PER_LOGIT = memory.SCORING_BYTES_PER_LOGIT
+ACTIVATION_BYTES = memory.SERVING_VALUE_BYTES  # fp16 activations
 MAX_EXTRA_GPUS = 64  # how far `gpus_needed` looks when the given GPUs are too few
 
 
@@ -72,21 +74,19 @@ def _tail_bytes(shape: LlamaShape) -> int:
 
 def kv_cache_bytes(shape: LlamaShape, context: int, batch: int = 1) -> int:
     """fp16 keys and values for every layer: 2 x layers x kv_heads x head_dim x tokens x 2 bytes."""
-    return shape.kv_cache_bytes(context, batch)
+    return memory.kv_cache_bytes(shape, context, batch)
 
 
 def activation_bytes(shape: LlamaShape, context: int, batch: int) -> int:
-    return context * batch * (3 * shape.intermediate + 4 * shape.hidden) * ACTIVATION_BYTES
+    return memory.prefill_activation_bytes(shape, context, batch)
 
 
 def scoring_bytes(shape: LlamaShape, context: int, batch: int) -> int:
-    return int(context * batch * shape.vocab * SCORING_BYTES_PER_LOGIT)
+    return memory.scoring_bytes(shape, context, batch)
 
 
 def dequant_workspace_bytes(shape: LlamaShape, variant: Variant) -> int:
-    if not variant.quantized:
-        return 0
-    return max(o * i for o, i in shape.linear_shapes().values()) * 2
+    return memory.dequant_workspace_bytes(shape, variant.quantized)
 
 
 @dataclass(frozen=True)

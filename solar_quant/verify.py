@@ -421,13 +421,11 @@ def _compare_linear(reader, src, module: str, layout: Layout, record: dict, laye
                     f"but {want:.6g} was recorded at quantization time; the weights were altered"]
         return []
     from solar_quant.formats import bnb as fmt
-    from solar_quant.options import BnbOptions
-    from solar_quant.pipeline.bnb import STORE_DTYPE, quantize_weight
+    from solar_quant.methods.bnb import STORE_DTYPE, quantize_linear
 
     tensors = {n: reader.get(n) for n in reader.tensors if n.startswith(f"{module}.")}
     stored = fmt.dequantize_linear(fmt.linear_parts(module, tensors))
-    opts = BnbOptions(method=layout.variant.method, double_quant=layout.variant.double_quant)
-    fresh = fmt.dequantize_linear(quantize_weight(W.to(STORE_DTYPE), opts))
+    fresh = fmt.dequantize_linear(quantize_linear(W.to(STORE_DTYPE), layout.variant.method, layout.variant.double_quant))
     error, fresh_error = _rel_error(stored, W), _rel_error(fresh, W)
     if error > BNB_ERROR_SLACK * fresh_error + 1e-6:
         return [f"{where}: {module}: de-quantized weight has relative error {error:.6g} against the source, a fresh "

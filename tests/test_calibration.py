@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from solar_quant.calibration.artifact import (CalibrationSet, calibration_from_cli, check_tokenizer, load_calibration,
-                                              tokenizer_identity)
-from solar_quant.calibration.build import build_calibration, calibration_options
+from solar_quant.calibration.artifact import CalibrationSet, check_tokenizer, load_calibration, tokenizer_identity
+from solar_quant.calibration.build import build_calibration, calibration_from_cli, calibration_options
 from solar_quant.calibration.sampling import max_nsamples, mix_quotas, take_rows
 from solar_quant.calibration.sources import open_source, parse_source_flags
 from solar_quant.errors import CalibrationError, OptionError

@@ -119,21 +119,3 @@ def check_tokenizer(calib: CalibrationSet, model_path: str | Path, calib_path: s
     if diffs:
         raise CalibrationError(f"{calib_path} was built with a different tokenizer than {model_path} ({'; '.join(diffs)}); "
                                f"rebuild it with `solar-quant calibrate --model {model_path}`")
-
-
-def calibration_from_cli(model_path, calibration, source, fmt, *, template: str = "solar", nsamples: int = 128,
-                         seqlen: int = 2048, seed: int = 0, short: str = "pack") -> CalibrationSet:
-    """What a command's calibration flags ask for: a saved artifact (checked against the model's
-    tokenizer) or a set built now from `--source/--format/--template/...` (default: bundled)."""
-    from solar_quant.errors import OptionError
-
-    if calibration:
-        if source or fmt:
-            raise OptionError("give either --calibration (a saved artifact) or --source/--format, not both")
-        calib = load_calibration(calibration)
-        check_tokenizer(calib, model_path, calibration)
-        return calib
-    from solar_quant.calibration.build import build_calibration, calibration_options
-
-    return build_calibration(model_path, calibration_options(source, fmt, template=template, nsamples=nsamples,
-                                                             seqlen=seqlen, seed=seed, short=short))

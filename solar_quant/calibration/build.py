@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from solar_quant import progress
-from solar_quant.calibration.artifact import CalibrationSet, ids_sha256, load_tokenizer, tokenizer_identity
+from solar_quant.calibration.artifact import (CalibrationSet, check_tokenizer, ids_sha256, load_calibration, load_tokenizer,
+                                             tokenizer_identity)
 from solar_quant.calibration.bundled import default_sources, display_name
 from solar_quant.calibration.sampling import (DocumentEncoder, Rows, count_rows, derived_rng, length_histogram,
                                               max_nsamples, mix_quotas, take_rows)
@@ -121,3 +122,17 @@ def summary(calib: CalibrationSet) -> str:
                      f"{s['tokens']:>9,} tokens  {s['truncated']} truncated  {s['dropped_short']} dropped short")
     lines.append(f"sha256 {c['sha256']}")
     return "\n".join(lines)
+
+
+def calibration_from_cli(model_path, calibration, source, fmt, *, template: str = "solar", nsamples: int = 128,
+                         seqlen: int = 2048, seed: int = 0, short: str = "pack") -> CalibrationSet:
+    """What a command's calibration flags ask for: a saved artifact (checked against the model's
+    tokenizer) or a set built now from `--source/--format/--template/...` (default: bundled)."""
+    if calibration:
+        if source or fmt:
+            raise OptionError("give either --calibration (a saved artifact) or --source/--format, not both")
+        calib = load_calibration(calibration)
+        check_tokenizer(calib, model_path, calibration)
+        return calib
+    return build_calibration(model_path, calibration_options(source, fmt, template=template, nsamples=nsamples,
+                                                             seqlen=seqlen, seed=seed, short=short))

@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from solar_quant.checkpoint.atomic import atomic_write_bytes
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -25,8 +27,6 @@ def build_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
 
 
 def write_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
-    from solar_quant.checkpoint.writer import atomic_write_bytes
-
     doc = build_manifest(folder, exclude)
     atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(doc, indent=2) + "\n").encode())
     return doc

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from solar_quant.checkpoint.atomic import atomic_write_bytes
+from solar_quant.checkpoint.atomic import os_error as _os_error
 from solar_quant.checkpoint.manifest import write_manifest
 from solar_quant.errors import OutputError
 
@@ -26,10 +28,34 @@ DTYPE_NAMES = {
     torch.bool: "BOOL",
 }
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+__all__ = ["StagedFolder", "ShardedWriter", "atomic_write_bytes", "tensor_bytes", "encode_header",
+           "write_single_tensor", "DTYPE_NAMES", "INDEX_NAME"]
 
 
-def _os_error(path: Path, e: OSError) -> OutputError:
-    return OutputError(f"{path}: cannot write ({e.strerror}); free disk space or choose another output folder")
+def working_name(number: int) -> str:
+    """A finished shard before `close()` gives it its final name."""
+    return f"shard-{number:05d}.safetensors"
+
+
+def data_name(number: int) -> str:
+    """The open shard's data file (tensor bytes only; the header is joined on flush)."""
+    return f".shard-{number:05d}.data"
+
+
+def final_name(number: int, total: int) -> str:
+    return SINGLE_NAME if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def encode_header(metadata: dict, entries: dict[str, list]) -> bytes:
+    """The safetensors header of `entries` ({name: [dtype, shape, begin, end]}): its 8-byte
+    length, then the JSON padded with spaces to a multiple of 8."""
+    header = {"__metadata__": metadata}
+    header.update({n: {"dtype": d, "shape": s, "data_offsets": [b, e]} for n, (d, s, b, e) in entries.items()})
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
 
 
 class StagedFolder:
@@ -90,22 +116,6 @@ class StagedFolder:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _os_error(path, e) from None
-    except BaseException:  # interrupted: leave no stray .tmp in a folder a resumed job will hash
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, as safetensors stores them."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
@@ -131,7 +141,26 @@ class ShardedWriter:
             raise OutputError(f"{data}: missing; the resumable job is damaged, start again without --resume")
 
     def _data_path(self) -> Path:
-        return self.folder / f".shard-{len(self.done) + 1:05d}.data"
+        return self.folder / data_name(len(self.done) + 1)
+
+    @classmethod
+    def resume(cls, folder: str | Path, max_shard_bytes: int, state: dict | None,
+               metadata: dict[str, str] | None = None) -> "ShardedWriter":
+        """A writer continuing from a saved `state()` in `folder`, after a process was killed
+        at any point since: shards renamed by `close()` get their working names back, an open
+        shard flushed after the save gets its data file back, and files written later are removed."""
+        state = state or {"done": [], "open": {}, "open_bytes": 0}
+        folder = Path(folder)
+        n_done = len(state["done"])
+        _unname_closed_shards(folder, n_done)  # killed while the writer was closing
+        open_shard, open_data = folder / working_name(n_done + 1), folder / data_name(n_done + 1)
+        if state["open_bytes"] and not open_data.exists() and open_shard.exists():
+            _shard_data_back(open_shard, open_data, state["open_bytes"])  # killed just after a flush
+        for p in list(folder.glob("shard-*.safetensors*")) + list(folder.glob(".shard-*.data")):
+            number = int(p.name.split("-")[1].split(".")[0])
+            if p.name.endswith(".tmp") or number > n_done + (1 if p.name.startswith(".") else 0):
+                p.unlink()
+        return cls(folder, max_shard_bytes, metadata=metadata, state=state)
 
     def state(self) -> dict:
         """A JSON-able snapshot; pass it back as `state=` to continue after a crash."""
@@ -163,17 +192,13 @@ class ShardedWriter:
         if not self.open_entries:
             return
         number = len(self.done) + 1
-        final = self.folder / f"shard-{number:05d}.safetensors"
+        final = self.folder / working_name(number)
         data_path = self._data_path()
-        header = {"__metadata__": self.metadata}
-        header.update({n: {"dtype": d, "shape": s, "data_offsets": [b, e]} for n, (d, s, b, e) in self.open_entries.items()})
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        header = encode_header(self.metadata, self.open_entries)
         tmp = final.with_name(final.name + ".tmp")
         try:
             with open(tmp, "wb") as out, open(data_path, "rb") as src:
-                out.write(len(raw).to_bytes(8, "little"))
-                out.write(raw)
+                out.write(header)
                 shutil.copyfileobj(src, out, 16 * 1024 * 1024)
                 out.flush()
                 os.fsync(out.fileno())
@@ -192,7 +217,7 @@ class ShardedWriter:
         weight_map: dict[str, str] = {}
         total_size = 0
         for i, shard in enumerate(self.done, 1):
-            name = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+            name = final_name(i, total)
             src = self.folder / shard["file"]
             if src.exists():
                 src.rename(self.folder / name)
@@ -204,3 +229,39 @@ class ShardedWriter:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             atomic_write_bytes(self.folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
         return weight_map
+
+
+def _unname_closed_shards(folder: Path, n_done: int) -> None:
+    """Give shards renamed by `ShardedWriter.close()` their working names back."""
+    for i in range(1, n_done + 1):
+        working = folder / working_name(i)
+        for final in (folder / SINGLE_NAME, *folder.glob(f"model-{i:05d}-of-*.safetensors")):
+            if not working.exists() and final.exists() and (n_done == 1 or final.name != SINGLE_NAME):
+                final.rename(working)
+    (folder / INDEX_NAME).unlink(missing_ok=True)
+
+
+def _shard_data_back(shard: Path, data: Path, nbytes: int) -> None:
+    """Recreate a flushed shard's open data file from the shard (its data section's first bytes)."""
+    with open(shard, "rb") as src, open(data, "wb") as dst:
+        header_len = int.from_bytes(src.read(8), "little")
+        src.seek(8 + header_len)
+        dst.write(src.read(nbytes))
+    shard.unlink()
+
+
+def write_single_tensor(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """A safetensors file holding one tensor, written without an in-memory copy of its bytes."""
+    data = tensor_bytes(tensor)
+    header = encode_header({"format": "pt"}, {name: [DTYPE_NAMES[tensor.dtype], list(tensor.shape), 0, data.nbytes]})
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(path, e) from None

@@ -4,31 +4,32 @@ from __future__ import annotations
 
 import torch
 
+from solar_quant import memory
+from solar_quant.architecture import LlamaShape
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.errors import OptionError
 
-LOGIT_CHUNK = 512  # positions per lm_head chunk: logits never exist for a whole long window
+LOGIT_CHUNK = memory.LOGIT_CHUNK  # positions per lm_head chunk: logits never exist for a whole long window
 
 
 def weights_bytes(reader: CheckpointReader, dtype: torch.dtype) -> int:
     """16-bit folders grow to the compute dtype in memory; quantized folders stay about their file size."""
-    size = reader.total_bytes
-    if reader.quant_method is None:
-        return size * torch.finfo(dtype).bits // 16
-    return int(size * 1.2)
+    return memory.loaded_weight_bytes(reader.total_bytes, reader.quant_method is not None, torch.finfo(dtype).bits)
 
 
 def activation_bytes(cfg: dict, context: int, dtype: torch.dtype, attention: str = "sdpa") -> int:
     """Peak activations for one sequence: hidden states, MLP, KV, one lm_head chunk and the attention scores."""
-    b = torch.finfo(dtype).bits // 8
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", heads) * cfg.get("head_dim", hidden // heads)
-    layers = cfg["num_hidden_layers"]
-    per_token = (6 * hidden + 3 * inter) * b + 2 * layers * kv * b  # live activations + the KV cache
-    scores = heads * context * context * 4 * 2 if attention == "eager" else heads * context * 1024 * 4
-    logits = LOGIT_CHUNK * cfg["vocab_size"] * 4 * 3
-    return context * per_token + scores + logits
+    return memory.forward_activation_bytes(_shape(cfg), context, torch.finfo(dtype).bits // 8, attention)
+
+
+def _shape(cfg: dict) -> LlamaShape:
+    """The fields the estimate reads, taken as config.json gives them (the loader checks them)."""
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return LlamaShape(hidden=hidden, layers=cfg["num_hidden_layers"], heads=heads,
+                      kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim", hidden // heads),
+                      intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"],
+                      max_positions=cfg.get("max_position_embeddings", 0),
+                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
 def available_bytes(device: torch.device, device_map=None) -> int:

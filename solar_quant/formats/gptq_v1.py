@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from solar_quant import TOOL_NAME, __version__
-from solar_quant.methods.gptq import QuantizedWeight
+from solar_quant.methods.quantized import QuantizedWeight
 
 if TYPE_CHECKING:  # options import pydantic; the packing needs torch alone (bench/gpu_layer_70b.py)
     from solar_quant.options import GptqOptions

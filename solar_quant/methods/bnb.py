@@ -20,6 +20,16 @@ BLOCKSIZE = 64  # transformers' Linear4bit default
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for double-quantized absmax
 INT8_WEIGHT_FORMAT_ROW = 0  # bitsandbytes' code for row-major int8 weights
 CHUNK_ELEMENTS = 1 << 23  # 8M values per bitsandbytes call: its CPU kernels hold ~4 fp32 copies (~128 MB)
+STORE_DTYPE = torch.float16  # transformers loads the source in fp16 before quantizing; so do we
+
+
+def quantize_linear(weight: torch.Tensor, method: str, double_quant: bool = False,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """One Linear weight -> the module-relative tensors bitsandbytes serializes for it under
+    `method` ("bnb-int8", "bnb-nf4" or "bnb-fp4")."""
+    if method == "bnb-int8":
+        return quantize_int8(weight, device=device)
+    return quantize_4bit(weight, method.removeprefix("bnb-"), double_quant, device=device)
 
 
 def quantize_int8(weight: torch.Tensor, device: str | torch.device = "cpu",

@@ -9,34 +9,19 @@ runs on `W.device`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
-from solar_quant.methods.grid import QuantSpec, dequantize, group_params, quantize, stored_scales
+from solar_quant.methods.grid import QuantSpec, group_params, quantize
+from solar_quant.methods.quantized import QuantizedWeight, assemble
 
 __all__ = ["QuantSpec", "QuantizedWeight", "accumulate_hessian", "gptq_quantize", "gptq_quantize_shared", "assemble",
            "split_rows"]
 
 MAX_DAMP = 1.0  # the largest fraction of mean(diag(H)) the automatic retry may reach
 DAMP_GROWTH = 10.0
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized Linear weight, in original column order.
-
-    dequant[n, k] == scales[g_idx[k], n] * (intweight[n, k] - zeros[g_idx[k], n])."""
-
-    intweight: Tensor  # int32 [N, K], codes 0..2^bits-1
-    scales: Tensor  # float32 [n_groups, N], values exactly representable in float16
-    zeros: Tensor  # int32 [n_groups, N], the true zero point
-    g_idx: Tensor  # int32 [K], group of each column
-    dequant: Tensor  # float32 [N, K]
-    damp_used: float = 0.0  # fraction of mean(diag(H)) added to the diagonal
-    stats: dict = field(default_factory=dict)
 
 
 def accumulate_hessian(H: Tensor | None, count: int, X: Tensor) -> tuple[Tensor, int]:
@@ -72,17 +57,6 @@ def _half_gram(X: Tensor) -> Tensor | None:
         return torch.mm(X.t(), X, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=...) for this device
         return None
-
-
-def assemble(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, **extra) -> QuantizedWeight:
-    """Build a QuantizedWeight from codes [N, K] (original order) and per-group parameters; the
-    scales are rounded to the float16 values the file keeps, and `dequant` is computed from those."""
-    g = g_idx.long()
-    scales = stored_scales(scales)
-    intweight = codes.to(torch.int32)
-    dequant = dequantize(intweight.to(torch.float32), scales[g].t(), zeros[g].t().to(torch.float32))
-    return QuantizedWeight(intweight=intweight, scales=scales, zeros=zeros, g_idx=g_idx.to(torch.int32),
-                           dequant=dequant, **extra)
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,

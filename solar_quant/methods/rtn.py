@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
-from solar_quant.methods.gptq import QuantizedWeight, assemble
+from solar_quant.methods.quantized import QuantizedWeight, assemble
 from solar_quant.methods.grid import QuantSpec, group_params, quantize
 
 

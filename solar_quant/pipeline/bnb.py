@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 
 from solar_quant import progress
-from solar_quant.architecture import LlamaShape, is_linear_weight
+from solar_quant.architecture import is_linear_weight
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
-from solar_quant.errors import OptionError, OutputError
+from solar_quant.errors import OptionError
 from solar_quant.formats import bnb as fmt
 from solar_quant.methods import bnb as method
 from solar_quant.options import BnbOptions, OutputOptions
+from solar_quant.pipeline.preflight import check_source
 from solar_quant.rope import RopeScaling
 from solar_quant.variant import copy_side_files, tool_record, variant_config
 
-STORE_DTYPE = torch.float16  # transformers loads the source in fp16 before quantizing; so do we
+STORE_DTYPE = method.STORE_DTYPE
 
 
 def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output: OutputOptions,
@@ -51,23 +52,17 @@ def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output:
 
 def _check_inputs(src, out, bnb: BnbOptions, output: OutputOptions) -> tuple[CheckpointReader, RopeScaling]:
     """Every refusal that needs no tensor data, before any work starts."""
-    rope = RopeScaling.parse(output.rope_scaling)
-    reader = CheckpointReader(src)
-    reader.require_llama()
-    reader.require_unquantized()
-    shape = LlamaShape.from_config(reader.config, str(reader.path / "config.json"))
-    src_path, out_path = reader.path.resolve(), Path(out).resolve()
-    if out_path == src_path or src_path in out_path.parents:
-        raise OutputError(f"{out}: lies inside the source checkpoint {src}; choose an output folder outside it")
-    if out_path.exists() and not output.overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it or choose another output path")
+    source = check_source(src, out, rope_scaling=output.rope_scaling, overwrite=output.overwrite)
+    check_options(bnb)
+    return source.reader, source.rope
+
+
+def check_options(bnb: BnbOptions) -> None:
+    """The bnb options that pydantic cannot judge alone."""
     if bnb.double_quant and bnb.method == "bnb-int8":
         raise OptionError("--double-quant: applies to bnb-nf4 and bnb-fp4 only; drop it for bnb-int8")
     for key in bnb.skip_modules:
         fmt.should_quantize("probe", (key,))  # an invalid pattern fails here, naming --skip-modules
-    reader.tensors  # noqa: B018 - validates every shard header now, not halfway through
-    reader.require_weights(shape.tensor_shapes())  # shapes and dtypes agree with config.json
-    return reader, rope
 
 
 def _write_tensors(reader: CheckpointReader, staged: StagedFolder, bnb: BnbOptions, shard_size: int,
@@ -96,9 +91,7 @@ def _write_tensors(reader: CheckpointReader, staged: StagedFolder, bnb: BnbOptio
 
 def quantize_weight(weight: torch.Tensor, bnb: BnbOptions, device: str = "cpu") -> dict[str, torch.Tensor]:
     """One Linear weight -> the module-relative tensors bitsandbytes serializes for it."""
-    if bnb.method == "bnb-int8":
-        return method.quantize_int8(weight, device=device)
-    return method.quantize_4bit(weight, bnb.method.removeprefix("bnb-"), bnb.double_quant, device=device)
+    return method.quantize_linear(weight, bnb.method, bnb.double_quant, device=device)
 
 
 def _quantizes(name: str, reader: CheckpointReader, bnb: BnbOptions) -> bool:

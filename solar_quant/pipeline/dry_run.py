@@ -10,6 +10,7 @@ from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 from solar_quant.errors import InputError
+from solar_quant.memory import linear_params, quantize_host_bytes
 from solar_quant.recipe import Recipe, load_recipe
 
 # Effective GPTQ throughput, in (6 x calibration tokens x linear parameters) per second, with
@@ -41,23 +42,14 @@ def _shape(recipe: Recipe, model: str | None) -> tuple[LlamaShape, str]:
 
 def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
     """Peak host memory of the streaming quantizer (excluding the Python/torch baseline)."""
-    linears = shape.linear_shapes()
-    layer_fp32 = sum(o * i for o, i in linears.values()) * 4
-    largest = max(shape.vocab * shape.hidden, max(o * i for o, i in linears.values())) * 2
-    if method.startswith("bnb-"):
-        return 4 * largest
-    if method == "rtn":
-        return layer_fp32 + 2 * largest
-    acts = 2 * nsamples * seqlen * shape.hidden * 4  # layer inputs and outputs, fp32
-    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * 4
-    return layer_fp32 + acts + hessians + 2 * largest
+    return quantize_host_bytes(shape, method, nsamples, seqlen)
 
 
 def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
     io = 2 * source_bytes / DISK_BYTES_PER_S
     if method != "gptq":
         return io, 3 * io
-    params = sum(o * i for o, i in shape.linear_shapes().values()) * shape.layers
+    params = linear_params(shape) * shape.layers
     rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
     compute = 6 * nsamples * seqlen * params / rate
     return 0.5 * compute + io, 1.5 * compute + 2 * io

@@ -11,14 +11,13 @@ state, so the output is byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from solar_quant.checkpoint.writer import DTYPE_NAMES, ShardedWriter, atomic_write_bytes, tensor_bytes
-from solar_quant.errors import OptionError, OutputError
+from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder, atomic_write_bytes, write_single_tensor
+from solar_quant.errors import Interrupted, OptionError, OutputError
 
 JOB_DIR = ".job"
 JOB_FILE = "job.json"
@@ -95,18 +94,7 @@ class Job:
     # -- writer -------------------------------------------------------------------------
     def restore_writer(self, max_shard_bytes: int, metadata: dict | None = None) -> ShardedWriter:
         """A ShardedWriter continuing from the saved state, after removing shards written later."""
-        state = self.writer_state or {"done": [], "open": {}, "open_bytes": 0}
-        n_done = len(state["done"])
-        _unname_closed_shards(self.folder, n_done)  # killed while the writer was closing
-        open_shard = self.folder / f"shard-{n_done + 1:05d}.safetensors"
-        open_data = self.folder / f".shard-{n_done + 1:05d}.data"
-        if state["open_bytes"] and not open_data.exists() and open_shard.exists():
-            _shard_data_back(open_shard, open_data, state["open_bytes"])  # killed just after a flush
-        for p in list(self.folder.glob("shard-*.safetensors*")) + list(self.folder.glob(".shard-*.data")):
-            number = int(p.name.split("-")[1].split(".")[0])
-            if p.name.endswith(".tmp") or number > n_done + (1 if p.name.startswith(".") else 0):
-                p.unlink()
-        return ShardedWriter(self.folder, max_shard_bytes, metadata=metadata, state=state)
+        return ShardedWriter.resume(self.folder, max_shard_bytes, self.writer_state, metadata=metadata)
 
 
 def _short(value) -> str:
@@ -114,41 +102,47 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _unname_closed_shards(folder: Path, n_done: int) -> None:
-    """Give shards renamed by `ShardedWriter.close()` their working names back."""
-    for i in range(1, n_done + 1):
-        working = folder / f"shard-{i:05d}.safetensors"
-        for final in (folder / "model.safetensors", *folder.glob(f"model-{i:05d}-of-*.safetensors")):
-            if not working.exists() and final.exists() and (n_done == 1 or final.name != "model.safetensors"):
-                final.rename(working)
-    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+def job_spec(options: dict, source_sha256: str, calibration_sha256: str | None) -> dict:
+    """What a resumed job must match: the recorded options and the identities of its inputs."""
+    return {"options": options, "inputs": {"source": source_sha256, "calibration": calibration_sha256}}
 
 
-def _shard_data_back(shard: Path, data: Path, nbytes: int) -> None:
-    """Recreate a flushed shard's open data file from the shard (its data section's first bytes)."""
-    with open(shard, "rb") as src, open(data, "wb") as dst:
-        header_len = int.from_bytes(src.read(8), "little")
-        src.seek(8 + header_len)
-        dst.write(src.read(nbytes))
-    shard.unlink()
+def open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
+    """The job to run in `staged`: a new one, or with `resume` the interrupted one (its spec checked)."""
+    job = Job.load(staged.staging) if resume else None
+    if job is None:
+        if resume:
+            log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
+            staged.abandon()  # whatever a job-less staging folder holds is not ours to continue from
+            staged.staging.mkdir(parents=True)
+        return Job(staged.staging, spec)
+    job.check_matches(spec)
+    log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
+    return job
 
 
-def write_single_tensor(path: Path, name: str, tensor: torch.Tensor) -> None:
-    """A safetensors file holding one tensor, written without an in-memory copy of its bytes."""
-    data = tensor_bytes(tensor)
-    header = {"__metadata__": {"format": "pt"},
-              name: {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, data.nbytes]}}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror}); free disk space or choose another output folder") from None
+def save_progress(job: Job, writer: ShardedWriter, hidden, layers_done: int) -> None:
+    """A resume point: the states entering layer `layers_done` (if any), then job.json, then
+    the previous states removed."""
+    # states kept on a GPU are saved in their compute dtype (fp16: half the bytes, the same values)
+    name = job.save_hidden(layers_done, hidden.cpu()) if hidden is not None else None
+    job.layers_done, job.writer_state, job.hidden_file = layers_done, writer.state(), name
+    job.save()
+    job.drop_hidden_except(name)
+
+
+def has_saved_job(staged: StagedFolder) -> bool:
+    return (staged.staging / JOB_DIR / JOB_FILE).is_file()
+
+
+def interrupted(staged: StagedFolder, job: Job, layers: int) -> Interrupted:
+    """The one line an interrupted run ends with; a staging folder without a saved job is removed."""
+    if not staged.staging.exists() and staged.final.is_dir():  # the signal came as the commit finished
+        return Interrupted(f"interrupted after {staged.final} was complete; it is kept (check it with "
+                           f"`solar-quant verify {staged.final}`)")
+    if not (job.dir / JOB_FILE).is_file():
+        staged.abandon()
+        return Interrupted(f"interrupted before the first layer was saved; nothing was left under {staged.final}; "
+                           "rerun the same command to start again")
+    return Interrupted(f"interrupted; {job.layers_done}/{layers} layers are saved and the job is kept in "
+                       f"{staged.staging}: rerun the same command with --resume to continue")

@@ -48,11 +48,7 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
     model_path = resolve_model(recipe, model)
     if model_path is None:
         raise OutputError(f"{recipe_path}: model.path is not set; pass --model PATH to the 16-bit checkpoint")
-    from solar_quant.checkpoint.reader import CheckpointReader
-
-    reader = CheckpointReader(model_path)
-    reader.require_llama()
-    reader.require_unquantized()
+    _preflight(recipe, model_path)
     root = Path(out or Path("out") / recipe.name)
     result = RunResult(root)
     _check_outputs(root, recipe, resume, overwrite)
@@ -83,6 +79,23 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
         "summary": result.summary, "gate_failure": result.gate_failure,
         "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     return result
+
+
+def _preflight(recipe: Recipe, model_path: Path) -> None:
+    """Every refusal the source, the device and the variants' options allow before any work:
+    nothing is created and no calibration set is built before these pass."""
+    from solar_quant.pipeline.preflight import check_source
+
+    check_source(model_path)
+    if any(not v.quantize.method.startswith("bnb-") for v in recipe.variants):
+        from solar_quant.devices import resolve_device
+
+        resolve_device(recipe.device)
+    for v in recipe.variants:  # rope_scaling and shard_size are checked when the recipe loads
+        if v.quantize.method.startswith("bnb-"):
+            from solar_quant.pipeline.bnb import check_options
+
+            check_options(v.quantize)
 
 
 def _check_outputs(root: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:

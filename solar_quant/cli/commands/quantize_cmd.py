@@ -65,12 +65,13 @@ def quantize(
                     skip_modules=tuple(skip_modules or ("lm_head",)))
         path = build_bnb_variant(src, out, bnb, output)
     elif method in GPTQ_METHODS:
-        from solar_quant.calibration.artifact import calibration_from_cli
+        from solar_quant.calibration.build import calibration_from_cli
         from solar_quant.options import GptqOptions
         from solar_quant.pipeline.gptq import build_gptq_variant
 
         gptq = build(GptqOptions, method=method, bits=bits, group_size=group_size, act_order=act_order,
                      static_groups=static_groups, sym=sym, damp=damp, mse=mse, block_size=block_size)
+        _preflight(src, out, output, device)  # before any calibration set is built
         calib = None if method == "rtn" else calibration_from_cli(
             src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen, seed=seed, short=short)
         path = build_gptq_variant(src, out, gptq, calib, output, device=device, resume=resume)
@@ -79,6 +80,14 @@ def quantize(
 
         raise OptionError(f"--method {method!r}: expected one of {', '.join(BNB_METHODS + GPTQ_METHODS)}")
     typer.echo(str(path))
+
+
+def _preflight(src: str, out: str, output, device: str) -> None:
+    from solar_quant.devices import resolve_device
+    from solar_quant.pipeline.preflight import check_source
+
+    resolve_device(device)
+    check_source(src, out, rope_scaling=output.rope_scaling, overwrite=output.overwrite)
 
 
 def register(app: typer.Typer) -> None:

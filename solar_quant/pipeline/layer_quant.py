@@ -1,0 +1,180 @@
+"""Quantize one decoder layer: Hessians of each linear group's inputs over the calibration
+activations, one GPTQ (or RTN) solve per group, the dequantized weights written back so later
+groups see the quantized earlier ones, and each linear packed to GPTQ v1 where it was computed.
+
+Imports only torch, transformers (through `pipeline.layers`) and the pure modules
+(`methods/`, `formats/gptq_v1`, `architecture`): no pydantic, no options. It takes a plain
+frozen `LayerQuantConfig`, so `bench/gpu_layer_70b.py` runs this very code on a GPU machine
+that has nothing else installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS, layer_prefix
+from solar_quant.errors import NumericsError
+from solar_quant.formats.gptq_v1 import pack
+from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize_shared
+from solar_quant.methods.grid import QuantSpec
+from solar_quant.methods.rtn import rtn_quantize
+from solar_quant.pipeline.layers import capture_inputs
+
+__all__ = ["LayerQuantConfig", "quantize_layer", "collect_hessians", "linear_modules", "linear_record", "full_name"]
+
+
+@dataclass(frozen=True)
+class LayerQuantConfig:
+    """What the per-layer quantizer needs, translated once from the method's options."""
+
+    method: str = "gptq"  # "gptq" (needs Hessians) or "rtn"
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output row
+    sym: bool = True
+    mse: float = 0.0
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym, self.mse)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+
+def _no_clock(phase: str):
+    return contextlib.nullcontext()
+
+
+def full_name(name: str) -> str:
+    """'q_proj' -> 'self_attn.q_proj'."""
+    return f"{'self_attn' if name in ATTN_LINEARS else 'mlp'}.{name}"
+
+
+def linear_modules(layer) -> dict[str, torch.nn.Module]:
+    """'self_attn.q_proj' -> module, for the seven projections."""
+    return {full_name(n): layer.get_submodule(full_name(n)) for group in SEQUENTIAL_GROUPS for n in group}
+
+
+def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, log,
+                   clock: Callable[[str], contextlib.AbstractContextManager] = _no_clock,
+                   accumulate: Callable = accumulate_hessian) -> tuple[dict, dict]:
+    """Quantize the seven linears of `layer` in place (weights become their dequantized values).
+
+    Linears that read the same inputs (q/k/v; gate/up) share one Hessian and are solved in one
+    pass (`gptq_quantize_shared`). Returns ({linear: its packed GPTQ v1 tensors on the CPU},
+    the layer's record for solar_quant.json). `runner` None: no calibration (RTN). `clock(phase)`
+    wraps each phase ("hessian", "solve", "record", "write_back", "pack", "to_host") for timing;
+    `accumulate` folds inputs into a Hessian (the benchmark compares an fp32 one)."""
+    spec = cfg.spec
+    modules = linear_modules(layer)
+    passes = [[g] for g in SEQUENTIAL_GROUPS] if cfg.true_sequential else [list(SEQUENTIAL_GROUPS)]
+    quantized, record = {}, {"layer": i, "linears": {}}
+    for groups in passes:
+        hessians = {}
+        if runner is not None:
+            with clock("hessian"):
+                hessians = collect_hessians(layer, runner, hidden, [full_name(g[0]) for g in groups], accumulate)
+        for group in groups:
+            H = hessians.get(full_name(group[0]))
+            names = [full_name(n) for n in group]
+            weights = [modules[name].weight for name in names]
+            label = ", ".join(layer_prefix(i) + n for n in names)
+            with clock("solve"):
+                qs = _quantize_group(label, weights, H, spec, cfg, log)
+            for name, weight, q in zip(names, weights, qs):
+                with clock("record"):
+                    record["linears"][name] = linear_record(weight, q, H)
+                with clock("write_back"), torch.no_grad():
+                    weight.copy_(q.dequant)
+                # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
+                with clock("pack"):
+                    on_device = pack(q, cfg.bits)
+                with clock("to_host"):
+                    quantized[name] = {k: t.cpu() for k, t in on_device.items()}
+                del on_device
+                bar.step(f"{layer_prefix(i)}{name} rel. output error {record['linears'][name]['rel_output_error']}")
+            del H, qs
+    return quantized, record
+
+
+def collect_hessians(layer, runner, hidden, names: list[str],
+                     accumulate: Callable = accumulate_hessian) -> dict[str, torch.Tensor]:
+    """Hessians 2/n Σ x xᵀ of the inputs of linears `names` (execution order) over all chunks;
+    each chunk stops once the last of them has seen its input."""
+    modules = {n: layer.get_submodule(n) for n in names}
+    state: dict[str, tuple] = {n: (None, 0) for n in names}
+
+    def on_input(name, X):
+        state[name] = accumulate(*state[name], X)
+
+    handles = capture_inputs(modules, on_input)
+    try:
+        runner.feed(layer, hidden, until=modules[names[-1]])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: H for n, (H, _) in state.items()}
+
+
+def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec, cfg: LayerQuantConfig, log) -> list:
+    Ws = [w.detach().to(torch.float32) for w in weights]
+    try:
+        with one_cpu_thread(Ws[0].device):
+            return _quantize_weights(Ws, H, spec, cfg, label, log)
+    except NumericsError as e:
+        raise NumericsError(f"{label}: {e}") from None
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """GPTQ's column loop is thousands of small ops: on CPU, thread hand-offs cost more than they
+    give, and on busy shared cores they stall it (measured on 2 loaded cores, SmolLM2's
+    1536x576 up_proj: 0.75 s with 1 thread, 18.8 s with 2). The layer forwards keep all threads."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _quantize_weights(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log) -> list:
+    if H is None:
+        return [rtn_quantize(W, spec) for W in Ws]
+    if not H.any():
+        raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
+                            "check the source weights (e.g. a zeroed layer norm) or the calibration data")
+    return gptq_quantize_shared(Ws, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order,
+                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"))
+
+
+def linear_record(weight: torch.Tensor, q, H) -> dict:
+    """Relative weight error ‖W−Q‖/‖W‖ and, given the Hessian, relative output error
+    sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) = ‖(W−Q)X‖/‖WX‖ over the calibration inputs."""
+    W = weight.detach().to(torch.float32)
+    dW = W - q.dequant.to(W.device)
+    out = {"rel_weight_error": _sig(dW.norm() / W.norm().clamp_min(1e-30)), "rel_output_error": None}
+    if H is not None:
+        out["rel_output_error"] = _sig(torch.sqrt(((dW @ H) * dW).sum() / ((W @ H) * W).sum().clamp_min(1e-30)))
+    out["damp"] = float(q.damp_used)
+    for key in ("loss", "dead_columns", "cholesky_retries"):
+        if key in q.stats:
+            out[key] = _sig(q.stats[key]) if isinstance(q.stats[key], float) else q.stats[key]
+    return out
+
+
+def _sig(x) -> float:
+    return float(f"{float(x):.6g}")
