@@ -4,7 +4,7 @@ The peer half of `bench/gptq_vs_gptqmodel.py`, run in its own process so that it
 peak RSS are its own. It reads the artifact's `calibration.safetensors` directly (no solar_quant
 import, so none of our code sits in its address space) and feeds GPTQModel exactly those token
 ids, one sample per row with an all-ones attention mask. The model is loaded in fp32 (fp16
-matmuls are 3-6x slower on this CPU, NOTES.md); GPTQModel still packs fp16 scales. Output is
+matmuls are 3-6x slower on this CPU, docs/background.md); GPTQModel still packs fp16 scales. Output is
 GPTQ v1 (`format="gptq"`, checkpoint_format "gptq").
 
 Usage: GPTQMODEL_CPU_WORKERS=2 python bench/gptqmodel_run.py SRC OUT --calibration DIR

@@ -49,17 +49,15 @@ def inspect_checkpoint(path: str) -> dict:
 
 
 def _quant_summary(quant: dict | None) -> dict | None:
+    """The format entry's summary of a quantization_config; an unknown format shows its quant_method."""
     if not quant:
         return None
-    method = quant.get("quant_method")
-    if method == "bitsandbytes":
-        kind = "int8" if quant.get("load_in_8bit") else quant.get("bnb_4bit_quant_type", "4bit")
-        return {"method": "bitsandbytes", "kind": kind, "double_quant": bool(quant.get("bnb_4bit_use_double_quant"))}
-    if method == "gptq":
-        return {"method": "gptq", "bits": quant.get("bits"), "group_size": quant.get("group_size"),
-                "desc_act": quant.get("desc_act"), "sym": quant.get("sym"),
-                "checkpoint_format": quant.get("checkpoint_format", "gptq")}
-    return {"method": method}
+    from solar_quant import registry
+
+    fmt = registry.format_of_config(quant)
+    if fmt is None or fmt.inspect is None:
+        return {"method": quant.get("quant_method")}
+    return fmt.inspect(quant)
 
 
 def format_inspect(info: dict) -> str:

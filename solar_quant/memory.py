@@ -74,19 +74,19 @@ def forward_activation_bytes(shape: LlamaShape, context: int, value_bytes: int, 
 
 
 # -- streaming quantizers (run --dry-run) -------------------------------------------------------
+def largest_tensor_bytes(shape: LlamaShape) -> int:
+    """fp16 bytes of the largest tensor a streaming quantizer reads: the embedding or the largest Linear."""
+    return max(shape.vocab * shape.hidden, largest_linear_params(shape)) * 2
+
+
 def quantize_host_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
-    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline): bnb
-    holds a few copies of the largest tensor; RTN one layer in fp32; GPTQ adds both fp32 copies
-    of the calibration activations and two Hessians of the widest input."""
-    largest = max(shape.vocab * shape.hidden, largest_linear_params(shape)) * 2
-    if method.startswith("bnb-"):
-        return 4 * largest
-    layer_fp32 = linear_params(shape) * FP32
-    if method == "rtn":
-        return layer_fp32 + 2 * largest
-    acts = calibration_activation_bytes(nsamples, seqlen, shape.hidden, FP32)  # layer inputs and outputs
-    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * FP32
-    return layer_fp32 + acts + hessians + 2 * largest
+    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline), as the
+    method's registry entry models it from the terms here: bnb holds a few copies of the largest
+    tensor; RTN one layer in fp32; GPTQ adds both fp32 copies of the calibration activations and
+    two Hessians of the widest input."""
+    from solar_quant import registry
+
+    return registry.method(method).host_memory(shape, nsamples, seqlen)
 
 
 # -- GPTQ layer placement -------------------------------------------------------------------------

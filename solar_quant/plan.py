@@ -4,7 +4,7 @@ and a contiguous layer split over GPUs that transformers/accelerate take as a `d
 
 Pure functions of a `LlamaShape`; nothing here reads tensor data or touches a GPU.
 
-Runtime overhead, per GPU used (measured with `bench/plan_overhead_gpu.py`, README):
+Runtime overhead, per GPU used (measured with `bench/plan_overhead_gpu.py`, bench/README.md):
 - CUDA context: `CUDA_CONTEXT_BYTES` (driver + cuBLAS outside PyTorch's allocator, 685 MiB
   measured on an H200 with torch 2.11; 1 GiB leaves room for allocator slack);
 - prefill activations of one decoder layer at a time with SDPA attention:

@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
+from solar_quant import registry
 from solar_quant.errors import InputError
-from solar_quant.options import BnbOptions, CalibrationOptions, EvalOptions, Frozen, GptqOptions, parse_size
+from solar_quant.options import CalibrationOptions, EvalOptions, Frozen, parse_size
 from solar_quant.rope import RopeScaling
 
-METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "gptq", "rtn")
-QuantizeOptions = Annotated[Union[BnbOptions, GptqOptions], Field(discriminator="method")]
+
+def _method_options(value):
+    """A `quantize` table -> the options model of the method it names (registry look-up);
+    pydantic reports the nested errors at their place in the recipe."""
+    if not isinstance(value, dict):
+        return value
+    name = value.get("method")
+    entries = registry.methods()
+    if name is None:
+        raise PydanticCustomError("union_tag_not_found", "missing key 'method'")
+    if not isinstance(name, str) or name not in entries:
+        raise PydanticCustomError("union_tag_invalid", "unknown method {name!r}", {"name": name})
+    return entries[name].options.model_validate(value)
+
+
+QuantizeOptions = Annotated[SerializeAsAny[Frozen], BeforeValidator(_method_options)]
 
 
 class ModelSection(Frozen):
@@ -70,7 +86,7 @@ class Recipe(Frozen):
         return v
 
     def needs_calibration(self) -> bool:
-        return any(v.quantize.method == "gptq" for v in self.variants)
+        return any(registry.method(v.quantize.method).needs_calibration for v in self.variants)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -95,13 +111,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    parts = list(err["loc"])
-    parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "quantize" and p in METHODS)]
-    loc = ".".join(str(p) for p in parts)
+    loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"unknown key '{loc}'; check the spelling against recipes/README.md"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     if err["type"] == "union_tag_invalid":
-        return f"'{loc}': method must be one of bnb-int8, bnb-nf4, bnb-fp4, gptq, rtn"
+        return f"'{loc}': method must be one of {', '.join(registry.method_names())}"
     return f"'{loc}': {err['msg']}"

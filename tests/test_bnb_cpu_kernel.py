@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from solar_quant.errors import OptionError
-from solar_quant.evaluate.loading import BNB_CPU_KERNEL_ENV, bnb_cpu_kernel_allowed, bnb_kernel_note, load_model
+from solar_quant.evaluate.loading import load_model
+from solar_quant.formats.entries.bitsandbytes import BNB_CPU_KERNEL_ENV, bnb_cpu_kernel_allowed, bnb_kernel_note
 
 TOLERANCE = {"generic": 1e-4, "avx512-bf16": 3e-2}
 

@@ -77,7 +77,7 @@ def runnable(code: str, folder: Path) -> str:
 def run_script(code: str, where: Path) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter. Under SOLAR_QUANT_BNB_CPU_KERNEL=generic (the suite run as a
     machine without AVX-512-bf16 would run it) bitsandbytes is first told the CPU lacks it."""
-    from solar_quant.evaluate.loading import BNB_CPU_KERNEL_ENV
+    from solar_quant.formats.entries.bitsandbytes import BNB_CPU_KERNEL_ENV
 
     if os.environ.get(BNB_CPU_KERNEL_ENV, "").strip().lower() == "generic":
         code = "import bitsandbytes.nn.modules as _bnb\n_bnb.has_avx512bf16 = lambda: False\n" + code

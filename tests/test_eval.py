@@ -296,7 +296,7 @@ def test_variants_share_one_cached_baseline_and_quantized_folders_load(models, t
     # nf4 on cpu: the note names the 4-bit kernel this machine runs (tests/test_bnb_cpu_kernel.py
     # checks both branches); intermediate 160 is not a multiple of the blocksize 64, so on the
     # AVX-512-bf16 path the down_proj layers fall back to the generic kernel
-    from solar_quant.evaluate.loading import bnb_cpu_kernel_allowed, bnb_kernel_note
+    from solar_quant.formats.entries.bitsandbytes import bnb_cpu_kernel_allowed, bnb_kernel_note
 
     expected = bnb_kernel_note(6 * 2, 1 * 2) if bnb_cpu_kernel_allowed() else bnb_kernel_note(0, 7 * 2)
     assert expected in first["models"][2]["notes"], first["models"][2]["notes"]

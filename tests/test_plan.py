@@ -100,7 +100,7 @@ def test_gptq_specs_equal_gptqmodel_buffers(monkeypatch):
 
 
 def test_gptq_specs_follow_the_v1_layout():
-    """Sizes built independently from NOTES' layout: packed along K, zeros along N, one row per group."""
+    """Sizes built independently from the v1 layout in docs/background.md: packed along K, zeros along N, one row per group."""
     for bits, group, k, n in ((4, 128, 8192, 28672), (3, 64, 28672, 8192), (8, -1, 8192, 1024), (4, 128, 576, 1536)):
         groups = 1 if group == -1 else math.ceil(k / group)
         expected = (math.ceil(k * bits / 32) * n * 4 + groups * math.ceil(n * bits / 32) * 4 + groups * n * 2 + k * 4)
@@ -111,7 +111,7 @@ def test_gptq_specs_follow_the_v1_layout():
 
 
 def test_published_70b_sizes():
-    """Published Llama-2-70B checkpoints (NOTES): fp16 ~138 GB; GPTQ 4-bit 35.3 GB (no groups),
+    """Published Llama-2-70B checkpoints (docs/background.md): fp16 ~138 GB; GPTQ 4-bit 35.3 GB (no groups),
     36.7 GB (g128 act-order); 3-bit g64 act-order 29.3 GB. Our bytes lack only headers and configs."""
     for name, published in (("fp16", 138.0), ("gptq-4b-gnone", 35.3), ("gptq-4b-g128-act", 36.7), ("gptq-3b-g64-act", 29.3)):
         assert abs(weight_bytes(SOLAR, Variant.parse(name)) / 1e9 / published - 1) < 0.005, name

@@ -30,6 +30,7 @@ def main() -> None:
     install()  # SIGTERM stops a command the way Ctrl-C does: cleanup runs, resumable jobs are kept
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from solar_quant.errors import SolarQuantError
     from solar_quant.signals import EXIT_CODE, STOP_SIGNALS, interrupt_message
 
     code = 0
@@ -40,6 +41,11 @@ def main() -> None:
 
         report(interrupt_message())
         code = EXIT_CODE
+    except SolarQuantError as e:  # raised outside a command body, e.g. a plugin that fails to load while help is shown
+        from solar_quant.cli.errors import report
+
+        report(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        code = e.exit_code
     except SystemExit as e:
         code = e.code
     finally:

@@ -3,7 +3,7 @@
 The baseline is stored compactly per token as its k most likely tokens' log-probs plus one
 "rest" bucket holding the remaining mass. KL computed on that partition (k tokens + rest) is
 the KL between the two coarse-grained distributions, which by the log-sum inequality never
-exceeds the full-vocabulary KL: it is a lower bound whose gap the README reports as measured.
+exceeds the full-vocabulary KL: it is a lower bound whose gap bench/README.md reports as measured.
 With k >= vocab the rest bucket is empty and the result is the exact KL.
 """
 

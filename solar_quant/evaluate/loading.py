@@ -8,9 +8,7 @@ model's dynamic NTK scaling starts where a short training window would have ende
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,6 @@ from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.errors import CheckpointError, DependencyError, InputError, OptionError
 from solar_quant.rope import RopeScaling, rope_theta
 
-GPTQ_EXTRA = "pip install 'solar-quant[gptq]'"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -109,25 +106,22 @@ def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_
     return apply_rope_override(AutoConfig.from_pretrained(str(path)), rope_override, trained_length)
 
 
-def require_gptq_runtime() -> None:
-    for package in ("optimum", "gptqmodel"):
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            raise DependencyError(f"loading a GPTQ folder needs optimum and gptqmodel, and {package} is not "
-                                  f"importable; run `{GPTQ_EXTRA}`") from None
+def require_runtime(path: str | Path) -> None:
+    """Raise DependencyError when the packages that load the folder's format are missing."""
+    fmt = _format(CheckpointReader(path))
+    if fmt.require_runtime is not None:
+        fmt.require_runtime()
 
 
-def _gptq_config(qcfg: dict, device: torch.device, shapes: tuple[int, ...]):
-    from transformers import GPTQConfig
+def _format(reader: CheckpointReader):
+    from solar_quant import registry
 
-    group = int(qcfg.get("group_size", 128))
-    kwargs = dict(bits=int(qcfg["bits"]), group_size=group, desc_act=bool(qcfg.get("desc_act", False)),
-                  sym=bool(qcfg.get("sym", True)))
-    # CPU kernels (and Marlin on GPU) need K % group_size == 0; the torch kernel handles the rest.
-    if device.type == "cpu" or (group > 0 and any(k % group for k in shapes)):
-        kwargs["backend"] = "gptq_torch"
-    return GPTQConfig(**kwargs)
+    fmt = registry.format_of_config(reader.config.get("quantization_config"))
+    if fmt is None:
+        names = ", ".join(registry.formats())
+        raise CheckpointError(f"{reader.path}/config.json: quant_method {reader.quant_method!r} is not supported; "
+                              f"eval loads these formats: {names}")
+    return fmt
 
 
 def read_device_map(spec: str | None):
@@ -149,99 +143,35 @@ def read_device_map(spec: str | None):
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, device_map=None,
                rope_override: RopeScaling | None = None, trained_length: int | None = None) -> LoadedModel:
-    """Build the model in `path` for inference with the given rope settings; fp16, bnb or GPTQ."""
+    """Build the model in `path` for inference with the given rope settings; its format entry gives the load arguments."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     start = time.monotonic()
     reader = CheckpointReader(path)
     reader.require_llama()
     method = reader.quant_method
+    fmt = _format(reader)
     config = AutoConfig.from_pretrained(str(path))
     rope = apply_rope_override(config, rope_override, trained_length)
     kwargs: dict = {"config": config, "dtype": dtype}
     notes = []
-    if method == "gptq":
-        require_gptq_runtime()
-        kwargs["quantization_config"] = _gptq_config(reader.config["quantization_config"], device,
-                                                     (config.hidden_size, config.intermediate_size))
-    elif method not in (None, "bitsandbytes"):
-        raise CheckpointError(f"{path}/config.json: quant_method {method!r} is not supported; "
-                              "eval loads 16-bit, bitsandbytes and GPTQ folders")
+    if fmt.load_kwargs is not None:
+        kwargs.update(fmt.load_kwargs(reader.config["quantization_config"], device, config))
     device_map = read_device_map(device_map)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    elif method is not None:
+    elif fmt.quantized:
         kwargs["device_map"] = {"": str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as e:
-        hint = f"; run `{GPTQ_EXTRA}`" if method == "gptq" else ""
-        raise DependencyError(f"{path}: cannot load ({str(e).splitlines()[0]}){hint}") from None
-    if device_map is None and method is None:
+        raise DependencyError(f"{path}: cannot load ({str(e).splitlines()[0]}){fmt.install_hint}") from None
+    if device_map is None and not fmt.quantized:
         model.to(device)
-    if method == "bitsandbytes" and device.type == "cpu":
-        notes += _bnb_cpu_compute(model, dtype)
+    if fmt.after_load is not None:
+        notes += fmt.after_load(model, device, dtype)
     model.eval()
     return LoadedModel(model, str(path), method, rope, time.monotonic() - start, notes)
-
-
-BNB_CPU_KERNEL_ENV = "SOLAR_QUANT_BNB_CPU_KERNEL"  # auto (bitsandbytes decides) | generic
-
-
-def bnb_cpu_kernel_allowed() -> bool:
-    """Whether bitsandbytes' AVX-512-bf16 4-bit CPU path may run: the CPU has it and
-    SOLAR_QUANT_BNB_CPU_KERNEL does not ask for the generic kernel (dequantize, then a plain
-    matmul), which every x86-64 machine runs the same way."""
-    choice = os.environ.get(BNB_CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "generic"):
-        raise OptionError(f"{BNB_CPU_KERNEL_ENV}={choice!r}: expected auto or generic")
-    if choice == "generic":
-        return False
-    from bitsandbytes.functional import has_avx512bf16
-
-    return bool(has_avx512bf16())
-
-
-def _bnb_cpu_compute(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
-    """On CPU run bnb 4-bit layers in the eval dtype (fp16 matmuls are slow there); weights unchanged.
-
-    Returns notes for the report describing what runs differently from the folder's own settings,
-    and which 4-bit kernel runs: bitsandbytes repacks weights for its AVX-512-bf16 kernel (bf16
-    activations) where the CPU has it, and dequantizes them for a plain matmul elsewhere."""
-    import bitsandbytes as bnb
-
-    allowed = bnb_cpu_kernel_allowed()
-    changed, unpacked, packed, generic, int8 = 0, 0, 0, 0, 0
-    for module in model.modules():
-        int8 += isinstance(module, bnb.nn.Linear8bitLt)
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        if module.compute_dtype != dtype:
-            module.compute_dtype = dtype
-            changed += 1
-        # bnb 0.50's AVX512-bf16 repacking assumes in_features % blocksize == 0 and fails otherwise;
-        # such layers keep the generic kernel (same weights, same math).
-        state = getattr(module.weight, "quant_state", None)
-        use = allowed and not (state is not None and module.in_features % state.blocksize)
-        unpacked += allowed and not use
-        module.support_avx512bf16_for_cpu = use
-        packed += use
-        generic += not use
-    notes = [f"bnb 4-bit compute dtype set to {str(dtype).removeprefix('torch.')} on cpu"] if changed else []
-    if int8:
-        notes.append("bnb int8 layers cast their inputs to float16 for the int8 matmul (as bitsandbytes does)")
-    if unpacked:
-        notes.append(f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel")
-    if packed or generic:
-        notes.append(bnb_kernel_note(packed, generic))
-    return notes
-
-
-def bnb_kernel_note(packed: int, generic: int) -> str:
-    """The report's line naming the 4-bit CPU kernels that ran (numbers differ slightly between them)."""
-    parts = ([f"AVX-512-bf16 (bf16 activations) on {packed} layer(s)"] if packed else []) + \
-        ([f"generic (dequantize + matmul) on {generic} layer(s)"] if generic else [])
-    return "bnb 4-bit cpu kernel: " + ", ".join(parts)
 
 
 def release() -> None:

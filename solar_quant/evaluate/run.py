@@ -20,7 +20,7 @@ from solar_quant.evaluate.baseline_cache import BaselineCache, cache_key
 from solar_quant.evaluate.gates import check_gates
 from solar_quant.evaluate.loading import (LoadedModel, check_same_tokenizer, load_model, load_tokenizer,
                                           effective_rope, model_identity, read_device_map, release,
-                                          require_gptq_runtime)
+                                          require_runtime)
 from solar_quant.evaluate.memory import check_fits
 from solar_quant.evaluate.report import build_report, console_table, write_report
 from solar_quant.evaluate.scoring import BaselineCollector, VariantCollector, input_device, score_window
@@ -85,8 +85,8 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
     paths = [baseline, *variants]
     names = _names(paths)
     tok = {p: check_same_tokenizer(baseline, p) for p in variants}[variants[0]]
-    if any(i["quant_method"] == "gptq" for i in identities.values()):
-        require_gptq_runtime()
+    for p in identities:
+        require_runtime(p)
     longest = max([opts.seqlen, *opts.contexts])
     memory = {p: check_fits(p, longest, dtype, device, opts.device_map,
                             flag="--context" if opts.contexts else "--seqlen") for p in identities}

@@ -1,6 +1,6 @@
 """The bitsandbytes checkpoint layout transformers 5 writes, and its inverse.
 
-Per quantized Linear `<m>` (see NOTES.md):
+Per quantized Linear `<m>` (see docs/background.md, "bitsandbytes serialization"):
 - 8-bit: `<m>.weight` int8 [out, in], `<m>.SCB` fp32 [out], `<m>.weight_format` uint8 0.
 - 4-bit: `<m>.weight` uint8 [out*in/2, 1], `<m>.weight.absmax`, `<m>.weight.quant_map` [16],
   `<m>.weight.quant_state.bitsandbytes__{nf4,fp4}` (packed JSON: quant_type, blocksize, dtype,

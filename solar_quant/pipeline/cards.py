@@ -13,12 +13,14 @@ import re
 import shutil
 from pathlib import Path
 
+from solar_quant import registry
 from solar_quant.architecture import LlamaShape
-from solar_quant.card import BNB_BLOCKSIZE, GIB, render_card
+from solar_quant.card import GIB, render_card
 from solar_quant.checkpoint.manifest import write_manifest
 from solar_quant.errors import InputError
-from solar_quant.formats.sizes import Variant
+from solar_quant.formats.sizes import BNB_BLOCKSIZE
 from solar_quant.recipe import Recipe
+from solar_quant.registry import Variant
 from solar_quant.rope import read_rope
 from solar_quant.variant import RECORD_NAME
 
@@ -29,12 +31,12 @@ RECIPE_COPY = "recipe.toml"
 
 
 def variant_of(options) -> Variant:
-    """The `plan` variant that quantize options produce (the typed options, or the dict a record holds)."""
-    o = options.model_dump() if hasattr(options, "model_dump") else dict(options)
-    method = o["method"]
-    if method.startswith("bnb-"):
-        return Variant(method, double_quant=bool(o.get("double_quant")), bits=8 if method == "bnb-int8" else 4)
-    return Variant("gptq", bits=int(o["bits"]), group_size=int(o["group_size"]), act_order=bool(o.get("act_order")))
+    """The `plan` variant that quantize options produce (its method entry says), from the typed
+    options or from the dict a folder's solar_quant.json records."""
+    if isinstance(options, dict):
+        entry = registry.method(options["method"])
+        options = entry.options(**{k: v for k, v in options.items() if k in entry.options.model_fields})
+    return registry.method(options.method).variant(options)
 
 
 def fit_rows(shape: LlamaShape, variant: Variant) -> list[dict]:
@@ -98,7 +100,7 @@ def write_card(folder: str | Path, *, report: dict | None = None, eval_dir: Path
     plan_variant = variant_of({**options, "method": method})
     shape = LlamaShape.from_config(cfg)
     variant = {"name": folder.name, "method": method, "options": options, "rope": read_rope(cfg),
-               "partial_groups": partial_group_linears(folder) if method in ("gptq", "rtn") else {},
+               "partial_groups": partial_group_linears(folder),
                "partial_blocks": {n: k for n, (_, k) in shape.linear_shapes().items() if k % BNB_BLOCKSIZE}}
     recipe_text = without_local_paths(recipe_text) if recipe_text is not None else None
     text = render_card(recipe_name=recipe_name, recipe_text=recipe_text, model_name=model_name, license=license,
@@ -128,7 +130,7 @@ def _read_folder(folder: Path) -> tuple[dict, dict]:
                          "`solar-quant quantize` or `run`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{folder}: {RECORD_NAME} or config.json is not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("method") not in ("bnb-int8", "bnb-nf4", "bnb-fp4", "gptq", "rtn"):
+    if not isinstance(record, dict) or record.get("method") not in registry.methods():
         raise InputError(f"{folder}/{RECORD_NAME}: no known quantization method recorded; pass a folder written by "
                          "`solar-quant quantize`")
     return record, cfg

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 from solar_quant.errors import InputError
-from solar_quant.memory import linear_params, quantize_host_bytes
+from solar_quant.memory import quantize_host_bytes
 from solar_quant.recipe import Recipe, load_recipe
 
 # Effective GPTQ throughput, in (6 x calibration tokens x linear parameters) per second, with
@@ -40,23 +40,26 @@ def _shape(recipe: Recipe, model: str | None) -> tuple[LlamaShape, str]:
     raise InputError(f"model path {path} not found and the recipe names no preset; pass --model PATH")
 
 
+def io_seconds(source_bytes: int) -> float:
+    """Reading the 16-bit shards and writing the outputs."""
+    return 2 * source_bytes / DISK_BYTES_PER_S
+
+
 def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
-    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline)."""
+    """Peak host memory of the streaming quantizer (excluding the Python/torch baseline): the method's own estimate."""
     return quantize_host_bytes(shape, method, nsamples, seqlen)
 
 
 def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
-    io = 2 * source_bytes / DISK_BYTES_PER_S
-    if method != "gptq":
-        return io, 3 * io
-    params = linear_params(shape) * shape.layers
-    rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
-    compute = 6 * nsamples * seqlen * params / rate
-    return 0.5 * compute + io, 1.5 * compute + 2 * io
+    """The method's own wall-time range (its entry's `time_range`)."""
+    from solar_quant import registry
+
+    return registry.method(method).time_range(shape, nsamples, seqlen, device, source_bytes)
 
 
 def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = None) -> str:
-    from solar_quant.pipeline.cards import fit_rows, variant_of
+    from solar_quant import registry
+    from solar_quant.pipeline.cards import fit_rows
     from solar_quant.plan import weight_bytes
 
     recipe = load_recipe(recipe_path)
@@ -73,7 +76,7 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
                      f"sources {[s.path for s in c.sources] or 'bundled default'}")
     for v in recipe.variants:
         q = v.quantize
-        variant = variant_of(q)
+        variant = registry.method(q.method).variant(q)
         wb = weight_bytes(shape, variant)
         mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen)
         lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes)

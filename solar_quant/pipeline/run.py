@@ -86,16 +86,17 @@ def _preflight(recipe: Recipe, model_path: Path) -> None:
     nothing is created and no calibration set is built before these pass."""
     from solar_quant.pipeline.preflight import check_source
 
+    from solar_quant import registry
+
     check_source(model_path)
-    if any(not v.quantize.method.startswith("bnb-") for v in recipe.variants):
+    entries = [registry.method(v.quantize.method) for v in recipe.variants]
+    if any(e.uses_device for e in entries):
         from solar_quant.devices import resolve_device
 
         resolve_device(recipe.device)
-    for v in recipe.variants:  # rope_scaling and shard_size are checked when the recipe loads
-        if v.quantize.method.startswith("bnb-"):
-            from solar_quant.pipeline.bnb import check_options
-
-            check_options(v.quantize)
+    for v, entry in zip(recipe.variants, entries):  # rope_scaling and shard_size are checked when the recipe loads
+        if entry.check_options is not None:
+            entry.check_options(v.quantize)
 
 
 def _check_outputs(root: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
@@ -126,14 +127,11 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
         return final
     output = OutputOptions(shard_size=parse_size(v.shard_size, "shard_size"), rope_scaling=v.rope_scaling, overwrite=overwrite)
     log(f"[run] {v.name}: quantizing with {v.quantize.method}")
-    if v.quantize.method.startswith("bnb-"):
-        from solar_quant.pipeline.bnb import build_bnb_variant
+    from solar_quant import registry
 
-        return build_bnb_variant(str(model_path), str(final), v.quantize, output, log=log)
-    from solar_quant.pipeline.gptq import build_gptq_variant
-
-    return build_gptq_variant(str(model_path), str(final), v.quantize, calib if v.quantize.method == "gptq" else None,
-                              output, device=recipe.device, resume=resume, log=log)
+    entry = registry.method(v.quantize.method)
+    return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration else None, output,
+                       device=recipe.device, resume=resume, log=log)
 
 
 def _verify(path: Path, source: Path, log) -> None:

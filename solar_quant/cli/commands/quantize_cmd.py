@@ -5,19 +5,29 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from solar_quant.cli import options as o
 from solar_quant.cli.errors import friendly
 
-BNB_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4")
-GPTQ_METHODS = ("gptq", "rtn")
+
+class QuantizeCommand(TyperCommand):
+    """`quantize`'s help lists the registered methods when it is shown (plugins included)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from solar_quant import registry
+
+        for param in self.params:
+            if param.name == "method":
+                param.help = "One of: " + "; ".join(f"{e.name} ({e.summary})" for e in registry.methods().values()) + "."
+        super().format_help(ctx, formatter)
 
 
 @friendly
 def quantize(
     src: Annotated[str, typer.Argument(help="16-bit source checkpoint folder (never modified).")],
     out: Annotated[str, typer.Argument(help="Output folder; appears only when complete.")],
-    method: Annotated[str, typer.Option("--method", help="bnb-int8, bnb-nf4, bnb-fp4, gptq or rtn.")],
+    method: Annotated[str, typer.Option("--method", help="A registered method: bnb-int8, bnb-nf4, bnb-fp4, gptq, rtn, ...")],
     double_quant: Annotated[bool, typer.Option("--double-quant", help="bnb 4-bit: quantize the absmax constants too.")] = False,
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="bnb 4-bit compute dtype: float16, bfloat16, float32.")] = "float16",
     skip_modules: Annotated[Optional[list[str]], typer.Option("--skip-modules", help="bnb: module names kept in 16-bit (default: lm_head).")] = None,
@@ -57,28 +67,22 @@ def quantize(
     RopeScaling.parse(rope_scaling)
     output = build(OutputOptions, shard_size=parse_size(shard_size), rope_scaling=rope_scaling, overwrite=overwrite,
                    checkpoint_every=checkpoint_every)
-    if method in BNB_METHODS:
-        from solar_quant.options import BnbOptions
-        from solar_quant.pipeline.bnb import build_bnb_variant
+    from solar_quant import progress, registry
 
-        bnb = build(BnbOptions, method=method, double_quant=double_quant, compute_dtype=compute_dtype,
-                    skip_modules=tuple(skip_modules or ("lm_head",)))
-        path = build_bnb_variant(src, out, bnb, output)
-    elif method in GPTQ_METHODS:
-        from solar_quant.calibration.build import calibration_from_cli
-        from solar_quant.options import GptqOptions
-        from solar_quant.pipeline.gptq import build_gptq_variant
-
-        gptq = build(GptqOptions, method=method, bits=bits, group_size=group_size, act_order=act_order,
-                     static_groups=static_groups, sym=sym, damp=damp, mse=mse, block_size=block_size)
+    entry = registry.method(method)
+    flags = dict(double_quant=double_quant, compute_dtype=compute_dtype, skip_modules=skip_modules, bits=bits,
+                 group_size=group_size, act_order=act_order, static_groups=static_groups, sym=sym, damp=damp, mse=mse,
+                 block_size=block_size)
+    options = build(entry.options, **entry.cli_options(flags))
+    if entry.uses_device:
         _preflight(src, out, output, device)  # before any calibration set is built
-        calib = None if method == "rtn" else calibration_from_cli(
-            src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen, seed=seed, short=short)
-        path = build_gptq_variant(src, out, gptq, calib, output, device=device, resume=resume)
-    else:
-        from solar_quant.errors import OptionError
+    calib = None
+    if entry.needs_calibration:
+        from solar_quant.calibration.build import calibration_from_cli
 
-        raise OptionError(f"--method {method!r}: expected one of {', '.join(BNB_METHODS + GPTQ_METHODS)}")
+        calib = calibration_from_cli(src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen,
+                                     seed=seed, short=short)
+    path = entry.build(src, out, options, calib, output, device=device, resume=resume, log=progress.log)
     typer.echo(str(path))
 
 
@@ -91,4 +95,4 @@ def _preflight(src: str, out: str, output, device: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize)
+    app.command("quantize", cls=QuantizeCommand)(quantize)

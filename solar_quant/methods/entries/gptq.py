@@ -1,0 +1,61 @@
+"""The GPTQ method entry: calibrated, layer by layer (`pipeline/gptq.py`), written as GPTQ v1."""
+
+from __future__ import annotations
+
+from solar_quant.options import GptqOptions
+from solar_quant.registry import MethodEntry, Variant, register_method
+
+GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "block_size")
+
+
+def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):
+    from solar_quant import progress
+    from solar_quant.pipeline.gptq import build_gptq_variant
+
+    return build_gptq_variant(src, out, options, calib, output, device=device, resume=resume, log=log or progress.log)
+
+
+def variant(options: GptqOptions) -> Variant:
+    """The GPTQ v1 tensors these options write (RTN writes the same layout)."""
+    return Variant("gptq", bits=options.bits, group_size=options.group_size, act_order=options.act_order,
+                   sym=options.sym)
+
+
+def cli_options(name: str, flags: dict) -> dict:
+    return {"method": name, **{k: flags[k] for k in GPTQ_FLAGS}}
+
+
+def describe_grid(o: dict, name: str) -> str:
+    g = o.get("group_size")
+    grouping = "no grouping" if g == -1 else f"group size {g}"
+    clip = f"clipping search (norm {o['mse']}), " if o.get("mse") else ""
+    return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
+            f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
+
+
+def host_memory(shape, nsamples: int, seqlen: int) -> int:
+    """One layer in fp32, the calibration activations entering and leaving it, two Hessians."""
+    from solar_quant.memory import FP32, calibration_activation_bytes, largest_tensor_bytes, linear_params
+
+    acts = calibration_activation_bytes(nsamples, seqlen, shape.hidden, FP32)  # layer inputs and outputs
+    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * FP32
+    return linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
+
+
+def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+    """Throughput measured in bench/ (see pipeline/dry_run.py), plus reading and writing the shards."""
+    from solar_quant.memory import linear_params
+    from solar_quant.pipeline.dry_run import CPU_TOKEN_PARAM_PER_S, GPU_TOKEN_PARAM_PER_S, io_seconds
+
+    io = io_seconds(source_bytes)
+    params = linear_params(shape) * shape.layers
+    rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
+    compute = 6 * nsamples * seqlen * params / rate
+    return 0.5 * compute + io, 1.5 * compute + 2 * io
+
+
+register_method(MethodEntry(
+    name="gptq", options=GptqOptions, format="gptq", summary="GPTQ with calibration data (Hessian error feedback)",
+    build=build, variant=variant, describe=lambda o: describe_grid(o, "GPTQ"),
+    cli_options=lambda flags: cli_options("gptq", flags), host_memory=host_memory, time_range=time_range,
+    needs_calibration=True, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit")))
