@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.errors import GateError, OutputError, VerificationError
 from solar_quant.options import OutputOptions, parse_size
 from solar_quant.progress import log as default_log
@@ -75,7 +76,7 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
     result.summary = _summary(result)
     (root / "run.json").write_text(json.dumps({  # names and sha256s, no local paths (the folder may be published)
         "recipe": {"name": Path(recipe_path).name, "sha256": hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()},
-        "model": reader.identity(), "variants": {k: v.name for k, v in result.variants.items()},
+        "model": CheckpointReader(model_path).identity(), "variants": {k: v.name for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
         "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     return result
