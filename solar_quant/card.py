@@ -13,14 +13,18 @@ FIT_COLUMNS = {"context": "context", "gpus": "GPUs", "weights_gib": "weights GiB
                "overhead_gib": "overhead GiB", "total_gib": "total GiB", "fits": "fits"}
 
 
+
 def render_card(*, recipe_name: str | None, recipe_text: str | None, model_name: str, license: str | None,
                 base_model: str | None, variant: dict, record: dict, fit_rows: list[dict], fit_note: str,
-                eval_rows: list[dict], eval_protocol: dict | None, plots: list[str], folder_bytes: int) -> str:
+                eval_rows: list[dict], eval_protocol: dict | None, plots: list[str], folder_bytes: int,
+                tasks_text: str | None = None, serving_rope: str | None = None) -> str:
     """`variant` = {"name", "method", "options", "rope", "partial_groups", "partial_blocks"}; rows are
     plain dicts. `recipe_text` is None for a folder made by `quantize` (the card then shows its options).
 
     What is particular to the method (its description, what it streams, whether it records
-    calibration, its tags) and to its format (install line, loading code, serving) comes from their entries."""
+    calibration, its tags) and to its format (install line, loading code, serving) comes from their entries.
+    `tasks_text` (the lm-eval task table) and `serving_rope` (which rope each runtime applies) are
+    added when the run measured them."""
     method = registry.method(variant["method"])
     made_by = f"from the recipe `{recipe_name}`" if recipe_text else "by `solar-quant quantize`"
     parts = [
@@ -59,7 +63,10 @@ def render_card(*, recipe_name: str | None, recipe_text: str | None, model_name:
     if plots:
         parts += ["Long context, by position (baseline and this variant, with the run's other variants):", "",
                   " ".join(f"![{name}]({name})" for name in plots), ""]
-    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", _serving(variant), ""]
+    if tasks_text:
+        parts += ["## Task scores against fp16 (lm-eval)", "", tasks_text, ""]
+    serve = _serving(variant) + (f"\n\n{serving_rope}" if serving_rope else "")
+    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", serve, ""]
     if recipe_text:
         parts += ["## Recipe", "", "```toml", recipe_text.strip(), "```", ""]
     else:

@@ -19,14 +19,46 @@ RECORD_NAME = "solar_quant.json"
 
 
 def copy_side_files(reader: CheckpointReader, staged: StagedFolder) -> list[str]:
-    """Copy tokenizer, generation config and licence files from the source (never moved)."""
+    """Copy tokenizer, generation config and licence files from the source (never moved).
+
+    A source whose tokenizer has no chat template (SOLAR-0-70b's has none) is taken to be tuned
+    on SOLAR's template, as calibration's default assumes: its variant gets that template as
+    `chat_template.jinja` and in `tokenizer_config.json`, so `apply_chat_template` and servers
+    render the prompts the model was tuned on. A source with its own template is copied as is."""
     copied = []
     for name in SIDE_FILES:
         src = reader.path / name
         if src.is_file():
             shutil.copyfile(src, staged.path(name))
             copied.append(name)
+    if adds_solar_template(reader):
+        copied += _write_solar_template(staged)
     return copied
+
+
+def adds_solar_template(reader: CheckpointReader) -> bool:
+    """True when the source has a tokenizer but no chat template (see `copy_side_files`)."""
+    from solar_quant.calibration.templates import has_chat_template
+
+    has_tokenizer = any((reader.path / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    return has_tokenizer and not has_chat_template(reader.path)
+
+
+def _write_solar_template(staged: StagedFolder) -> list[str]:
+    from solar_quant.calibration.templates import CHAT_TEMPLATE_FILE, SOLAR_CHAT_TEMPLATE
+
+    staged.write_text(CHAT_TEMPLATE_FILE, SOLAR_CHAT_TEMPLATE)
+    written = [CHAT_TEMPLATE_FILE]
+    tok_cfg = staged.path("tokenizer_config.json")
+    if tok_cfg.is_file():  # servers that read only tokenizer_config.json (TGI) find it there too
+        try:
+            doc = json.loads(tok_cfg.read_text())
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            doc["chat_template"] = SOLAR_CHAT_TEMPLATE
+            staged.write_text("tokenizer_config.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return written
 
 
 def variant_config(source_cfg: dict, quantization_config: dict, rope: RopeScaling, dtype: str = "float16") -> dict:
@@ -41,8 +73,11 @@ def variant_config(source_cfg: dict, quantization_config: dict, rope: RopeScalin
 def tool_record(reader: CheckpointReader, method: str, options: dict, **extra) -> dict:
     """The body of solar_quant.json: deterministic (no timestamps), so reruns give equal bytes.
     The source is named, not located: folder name, sha256 and what the model card needs."""
-    return {"tool": TOOL_NAME, "version": __version__, "method": method, "options": options,
-            "source": {**reader.identity(), **source_card_metadata(reader.path)}, **extra}
+    record = {"tool": TOOL_NAME, "version": __version__, "method": method, "options": options,
+              "source": {**reader.identity(), **source_card_metadata(reader.path)}, **extra}
+    if adds_solar_template(reader):
+        record["chat_template"] = "solar (added: the source's tokenizer has none)"
+    return record
 
 
 _HUB_CACHE_DIR = re.compile(r"^models--([A-Za-z0-9][\w.-]*)--([\w.-]+)$")  # huggingface_hub's cache layout

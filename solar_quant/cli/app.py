@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
-from solar_quant.cli.commands import (calibrate_cmd, card_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd,
-                                      quantize_cmd, run_cmd, verify_cmd)
+from solar_quant.cli.commands import (calibrate_cmd, card_cmd, chat_cmd, eval_cmd, inspect_cmd, models_cmd,
+                                      plan_cmd, quantize_cmd, run_cmd, verify_cmd)
 
-VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd, card_cmd)
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd, chat_cmd,
+         card_cmd)
 
 app = typer.Typer(
     name="solar-quant",
@@ -19,9 +21,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 for module in VERBS:
     module.register(app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from solar_quant import TOOL_NAME, __version__
+
+        typer.echo(f"{TOOL_NAME} {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Quantize Llama-2-family checkpoints (SOLAR-0-70b and kin) to bitsandbytes and GPTQ, streaming, and prove each variant against fp16."""
 
 
 def main() -> None:

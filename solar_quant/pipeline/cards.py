@@ -68,11 +68,13 @@ def fit_note(variant: Variant, name: str) -> str:
 
 def write_card(folder: str | Path, *, report: dict | None = None, eval_dir: Path | None = None,
                recipe: Recipe | None = None, recipe_text: str | None = None, recipe_name: str | None = None,
-               license: str | None = None, base_model: str | None = None) -> Path:
+               license: str | None = None, base_model: str | None = None,
+               rope_reports: dict[str, dict] | None = None) -> Path:
     """Write `folder`/README.md atomically and refresh manifest.json; returns the card's path.
 
     Without `recipe`, the folder's own `recipe.toml` (kept by `run`) is used when present.
-    `license` / `base_model` override the recipe's and the source's."""
+    `license` / `base_model` override the recipe's and the source's; `rope_reports` are the run's
+    extra evaluations under other rope settings (their task scores and the serving-rope line)."""
     from solar_quant.formats.gptq_runtime import partial_group_linears
 
     folder = Path(folder)
@@ -107,7 +109,9 @@ def write_card(folder: str | Path, *, report: dict | None = None, eval_dir: Path
                        base_model=base_model, variant=variant, record=record,
                        fit_rows=fit_rows(shape, plan_variant),
                        fit_note=fit_note(plan_variant, folder.name), eval_rows=rows, eval_protocol=protocol,
-                       plots=plots, folder_bytes=_folder_bytes(folder))
+                       plots=plots, folder_bytes=_folder_bytes(folder),
+                       tasks_text=tasks_section(report, folder, rope_reports or {}) if report else None,
+                       serving_rope=serving_rope_line(variant["rope"], cfg, report, folder, rope_reports or {}))
     from solar_quant.checkpoint.writer import atomic_write_bytes
     from solar_quant.signals import deferred
 
@@ -213,3 +217,81 @@ def card_section(report: dict, folder: Path, eval_dir: Path) -> tuple[list[dict]
     contexts = [str(sec["context"]) for name, sec in p["sections"].items() if name != "short"]
     plots = [Path(eval_dir) / f"{kind}_by_position_c{contexts[-1]}.png" for kind in ("ppl", "kl")] if contexts else []
     return rows, protocol, [p for p in plots if p.is_file()]
+
+
+def _pct(x) -> str:
+    return "" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def _task_avg(entry: dict | None) -> float | None:
+    tasks = (entry or {}).get("tasks") or {}
+    scores = [t["score"] for t in tasks.values() if t.get("score") == t.get("score")]
+    return sum(scores) / len(scores) if scores and len(scores) == len(tasks) else None
+
+
+def tasks_section(report: dict, folder: Path, rope_reports: dict[str, dict]) -> str | None:
+    """The card's task table: published fp16, our fp16, this variant (delta, interval, flips), and
+    this variant under each extra rope the recipe evaluated (e.g. as vLLM serves it)."""
+    base = next(m for m in report["models"] if m["role"] == "baseline")
+    mine = _entry(report, folder)
+    if not base.get("tasks") or mine is None:
+        return None
+    p = report["protocol"]
+    extra = {rope: _entry(r, folder) for rope, r in rope_reports.items()}
+    head = ["task", "metric", "published fp16", f"fp16 (ours, rope {p.get('rope_override') or 'as configured'})",
+            "this variant", "Δ [95 % CI]", "flips"] + [f"this variant, rope {rope}" for rope in extra]
+    rows = []
+    for label, b in base["tasks"].items():
+        t = mine["tasks"][label]
+        row = [label, b["metric"], _pct(b.get("reference")), f"{_pct(b['score'])} ± {_pct(b['stderr'])}",
+               f"{_pct(t['score'])} ± {_pct(t['stderr'])}",
+               f"{100 * t['delta']:+.1f} [{100 * t['low']:+.1f}, {100 * t['high']:+.1f}]", f"{_pct(t['flips'])} %"]
+        for rope, e in extra.items():
+            x = (e or {}).get("tasks", {}).get(label)
+            row.append(f"{_pct(x['score'])} (Δ {100 * x['delta']:+.1f}, flips {_pct(x['flips'])} %)" if x else "")
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    tp = p["tasks"]
+    from solar_quant.evaluate.behaviour import h4_average
+
+    if h4_average(base["tasks"]) is not None:
+        published = {k.lower(): v for k, v in (tp.get("reference") or {}).items()}.get("h4")
+        avg = [f"fp16 (ours) {_pct(h4_average(base['tasks']))}", f"this variant {_pct(h4_average(mine['tasks']))}"]
+        avg += [f"this variant, rope {rope} {_pct(h4_average((e or {}).get('tasks') or {}))}" for rope, e in extra.items()]
+        lines.append("")
+        lines.append("H4 average: " + (f"published fp16 {published:.1f}, " if published is not None else "") + ", ".join(avg) + ".")
+    note = (f"Scores in percent; lm-eval {tp['lm_eval']}, limit {tp['limit'] or 'none'}, seeds {tp['seeds']['fewshot_random_seed']} "
+            "(few-shot). Flips: share of items whose correct/incorrect outcome differs from fp16's on the same items.")
+    if tp.get("reference_source"):
+        note += f" Published: {tp['reference_source']}."
+    return "\n".join(lines) + "\n\n" + note
+
+
+def serving_rope_line(rope: dict, cfg: dict, report: dict | None, folder: Path, rope_reports: dict[str, dict]) -> str | None:
+    """Which rope each runtime applies to this folder, and what the static one costs where measured."""
+    from solar_quant.rope import static_ntk_base
+
+    if rope.get("rope_type") != "dynamic" or not rope.get("factor"):
+        return None
+    f = float(rope["factor"])
+    dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    theta = float(rope["rope_theta"])
+    line = (f"Rope per runtime: transformers applies dynamic NTK ×{f:g}, unchanged up to the trained "
+            f"{cfg.get('max_position_embeddings')} tokens and rescaled per sequence past them; vLLM's "
+            f"`DynamicNTKScalingRotaryEmbedding` (releases before its May 2026 fix, PR 41277) uses one static base "
+            f"{static_ntk_base(theta, f, dim):.4g} (×{static_ntk_base(1.0, f, dim):.3g}) at every length, the base "
+            f"transformers reaches only at {f:g}× the trained length; releases after the fix keep base {theta:g}.")
+    key = f"ntk-static:{f:g}"
+    other = rope_reports.get(key)
+    if report and other:
+        here, there = _entry(report, folder), _entry(other, folder)
+        a, b = _task_avg(here), _task_avg(there)
+        ra, rb = (here or {}).get("short", {}).get("ppl"), (there or {}).get("short", {}).get("ppl")
+        parts = []
+        if a is not None and b is not None:
+            parts.append(f"mean task score {100 * a:.1f} under transformers' rope vs {100 * b:.1f} under `{key}`")
+        if ra is not None and rb is not None:
+            parts.append(f"short-context perplexity {ra:.4g} vs {rb:.4g}")
+        if parts:
+            line += " Measured by this recipe (`eval --rope-scaling " + key + "`): " + "; ".join(parts) + "."
+    return line

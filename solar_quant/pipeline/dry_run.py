@@ -92,4 +92,7 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
         lines.append(f"evaluation: seqlen {e.seqlen}, stride {e.stride or e.seqlen}, max tokens {e.max_tokens}, "
                      f"contexts {list(e.contexts)}, rope {e.rope_scaling or 'from config'}, gates ppl-ratio<={e.max_ppl_ratio} "
                      f"kld<={e.max_kld} top1>={e.min_top1}")
+        if e.tasks:
+            lines.append(f"    tasks {', '.join(e.tasks)} (lm-eval, limit {e.limit or 'none'}); again under rope "
+                         f"{', '.join(e.also_rope_scaling) or '-'}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Layout of the run folder (default `out/<recipe name>`):
   calibration/        the calibration artifact (if any variant needs one)
   <variant name>/     each variant folder (atomic; README.md card added after evaluation)
   eval/               report.json, report.md, plots, baseline cache
+  eval-<rope>/        the same evaluation under each of eval.also_rope_scaling (e.g. ntk-static-2)
   run.json            the recipe, the resolved paths and the summary
 """
 
@@ -29,6 +30,7 @@ class RunResult:
     summary: list[dict] = field(default_factory=list)
     report: dict | None = None
     gate_failure: str | None = None
+    rope_reports: dict[str, dict] = field(default_factory=dict)  # eval.also_rope_scaling -> its report
 
 
 def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
@@ -72,6 +74,8 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
         except GateError as e:
             result.gate_failure = str(e)
             result.report = json.loads((root / "eval" / "report.json").read_text())
+        for rope in recipe.eval.also_rope_scaling:  # e.g. ntk-static:2: the variants as vLLM serves them
+            result.rope_reports[rope] = _eval_under(recipe, rope, model_path, result, root, log)
     _write_cards(recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
     (root / "run.json").write_text(json.dumps({  # names and sha256s, no local paths (the folder may be published)
@@ -144,13 +148,27 @@ def _verify(path: Path, source: Path, log) -> None:
     log(f"[run] {path.name}: verified")
 
 
+def _eval_under(recipe: Recipe, rope: str, model_path: Path, result: RunResult, root: Path, log) -> dict:
+    """The recipe's evaluation again with every model's rope set to `rope`, into eval-<rope>/."""
+    from solar_quant.evaluate.run import evaluate
+
+    out = root / f"eval-{rope.replace(':', '-')}"
+    opts = recipe.eval.model_copy(update={"rope_scaling": rope, "also_rope_scaling": ()})
+    log(f"[run] evaluating again with --rope-scaling {rope} into {out}")
+    try:
+        return evaluate(str(model_path), [str(p) for p in result.variants.values()], opts, str(out), log=log)
+    except GateError as e:
+        result.gate_failure = "; ".join(filter(None, [result.gate_failure, f"rope {rope}: {e}"]))
+        return json.loads((out / "report.json").read_text())
+
+
 def _write_cards(recipe: Recipe, recipe_path: Path, model_path: Path, result: RunResult) -> None:
     from solar_quant.pipeline.cards import write_card
 
     text = recipe_path.read_text()
     for v in recipe.variants:
         write_card(result.variants[v.name], report=result.report, eval_dir=result.out / "eval", recipe=recipe,
-                   recipe_text=text, recipe_name=recipe_path.name)
+                   recipe_text=text, recipe_name=recipe_path.name, rope_reports=result.rope_reports)
 
 
 def _summary(result: RunResult) -> list[dict]:

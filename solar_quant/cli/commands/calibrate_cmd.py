@@ -14,7 +14,7 @@ from solar_quant.cli.errors import friendly
 @friendly
 def calibrate(
     model: Annotated[str, typer.Option("--model", help="Model folder whose tokenizer makes the token ids.")],
-    out: Annotated[str, typer.Option("--out", help="Artifact folder (calibration.safetensors + calibration.json); appears only when complete.")],
+    out: Annotated[str, typer.Option(*o.OUT_FLAGS, help="Artifact folder (calibration.safetensors + calibration.json); appears only when complete.")],
     source: o.CalibSource = None,
     fmt: o.CalibFormat = None,
     template: o.Template = "solar",

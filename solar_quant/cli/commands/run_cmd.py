@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant.cli import options as o
 from solar_quant.cli.errors import friendly
 
 
@@ -13,7 +14,7 @@ from solar_quant.cli.errors import friendly
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe TOML file (see recipes/).")],
     model: Annotated[Optional[str], typer.Option("--model", help="16-bit source checkpoint; overrides the recipe's model.path.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Run folder (default: out/<recipe name>).")] = None,
+    out: Annotated[Optional[str], typer.Option(*o.OUT_FLAGS, help="Run folder (default: out/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished variants and continue interrupted ones.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo variants whose folders exist.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan with memory and time estimates; run nothing.")] = False,

@@ -11,7 +11,7 @@ def build(src, out, options: BnbOptions, calib, output, *, device: str = "cpu", 
     from solar_quant import progress
     from solar_quant.pipeline.bnb import build_bnb_variant
 
-    return build_bnb_variant(src, out, options, output, log=log or progress.log)
+    return build_bnb_variant(src, out, options, output, log=log or progress.log, device=device)
 
 
 def check_options(options: BnbOptions) -> None:
@@ -66,7 +66,7 @@ def _entry(name: str, summary: str, describe) -> MethodEntry:
     return MethodEntry(
         name=name, options=BnbOptions, format="bitsandbytes", summary=summary, build=build, variant=variant,
         describe=describe, cli_options=lambda flags: cli_options(name, flags), host_memory=host_memory,
-        time_range=time_range, needs_calibration=False, uses_device=False, check_options=check_options,
+        time_range=time_range, needs_calibration=False, uses_device=True, check_options=check_options,
         streams="tensor", card_tags=_tags(name))
 
 
