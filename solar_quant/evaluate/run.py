@@ -244,7 +244,22 @@ def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str
 
     `show` receives the console table. Raises GateError (after writing the report) when a gate fails.
     A quantized baseline is refused unless `allow_quantized_baseline`.
+    Holds the locks of `out_dir` and of a baseline cache outside it while it runs (one writer each).
     """
+    from contextlib import ExitStack
+
+    from solar_quant.checkpoint.lock import OutputLock
+
+    cache_dir = Path(opts.cache_dir or Path(out_dir) / "baseline-cache").resolve()
+    with ExitStack() as locks:
+        locks.enter_context(OutputLock(out_dir))
+        if Path(out_dir).resolve() not in cache_dir.parents:
+            locks.enter_context(OutputLock(cache_dir))
+        return _evaluate(baseline, variants, opts, out_dir, log, show, allow_quantized_baseline)
+
+
+def _evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str, log, show,
+              allow_quantized_baseline: bool) -> dict:
     wall = time.monotonic()
     plan, identities = prepare(baseline, variants, opts, log, allow_quantized_baseline)
     cache = BaselineCache(opts.cache_dir or Path(out_dir) / "baseline-cache")

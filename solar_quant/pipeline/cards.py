@@ -16,6 +16,7 @@ from pathlib import Path
 from solar_quant import registry
 from solar_quant.architecture import LlamaShape
 from solar_quant.card import GIB, render_card
+from solar_quant.checkpoint.lock import OutputLock
 from solar_quant.checkpoint.manifest import write_manifest
 from solar_quant.errors import InputError
 from solar_quant.formats.sizes import BNB_BLOCKSIZE
@@ -115,7 +116,8 @@ def write_card(folder: str | Path, *, report: dict | None = None, eval_dir: Path
     from solar_quant.checkpoint.writer import atomic_write_bytes
     from solar_quant.signals import deferred
 
-    with deferred():  # Ctrl-C/SIGTERM never leave a card the manifest does not cover
+    # one writer per folder, as while it was staged; Ctrl-C/SIGTERM never leave a card the manifest does not cover
+    with OutputLock(folder), deferred():
         if keep_recipe:
             atomic_write_bytes(folder / RECIPE_COPY, recipe_text.encode())
         atomic_write_bytes(folder / "README.md", text.encode())

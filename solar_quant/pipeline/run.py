@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from solar_quant.checkpoint.reader import CheckpointReader
+from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.errors import GateError, OutputError, VerificationError
 from solar_quant.options import OutputOptions, parse_size
 from solar_quant.progress import log as default_log
@@ -47,6 +48,15 @@ def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
 
 def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = None, resume: bool = False,
                overwrite: bool = False, log=default_log) -> RunResult:
+    """Carry out the recipe into its run folder, holding that folder's lock (one run per folder)."""
+    from solar_quant.checkpoint.lock import OutputLock
+
+    with OutputLock(out or Path("out") / load_recipe(recipe_path).name):
+        return _run_recipe(recipe_path, model=model, out=out, resume=resume, overwrite=overwrite, log=log)
+
+
+def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume: bool, overwrite: bool,
+                log) -> RunResult:
     recipe = load_recipe(recipe_path)
     model_path = resolve_model(recipe, model)
     if model_path is None:
@@ -78,11 +88,11 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
             result.rope_reports[rope] = _eval_under(recipe, rope, model_path, result, root, log)
     _write_cards(recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
-    (root / "run.json").write_text(json.dumps({  # names and sha256s, no local paths (the folder may be published)
+    atomic_write_bytes(root / "run.json", (json.dumps({  # names and sha256s, no local paths (it may be published)
         "recipe": {"name": Path(recipe_path).name, "sha256": hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()},
         "model": CheckpointReader(model_path).identity(), "variants": {k: v.name for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
-        "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+        "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n").encode())
     return result
 
 
