@@ -47,7 +47,8 @@ class ModelSection(Frozen):
     demo: bool = False
     preset: Literal["solar-0-70b"] | None = None  # shapes for --dry-run when the checkpoint is not at hand
     name: str = "model"
-    license: str | None = None
+    license: str | None = None  # the cards' `license` (default: what the source declares)
+    base_model: str | None = None  # the cards' `base_model`, a Hub id (default: told from the source)
     template: Literal["solar", "chat_template", "raw"] = "solar"
 
 

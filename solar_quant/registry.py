@@ -108,7 +108,9 @@ class FormatEntry:
     install_hint: str = ""  # eval: appended to an ImportError while loading
     card_install: str = ""  # the card's pip line
     card_serving: Callable[[dict], str] | None = None  # the card's "Serve it" text from the card's variant dict
-    card_loading_note: Callable[[dict], str] | None = None
+    # the card's loading code, from the card's variant dict: {"imports", "before", "kwargs", "after"}
+    # strings added around `from_pretrained` where the folder needs a kernel chosen (absent keys: nothing)
+    card_loading: Callable[[dict], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class MethodEntry:
     uses_device: bool = True  # the builder runs on --device (checked before any work)
     check_options: Callable[[Any], None] | None = None  # option checks pydantic cannot make alone, before any work
     streams: str = "decoder layer"  # what the builder holds at a time (the card says so)
+    card_tags: Callable[[dict], tuple[str, ...]] | None = None  # the card's tags for method and bits (options dict)
     parse_variant: Callable[[str, str, str], Variant | None] | None = None  # plan names of its own
     variant_forms: str = ""
     plan_defaults: tuple[str, ...] = ()

@@ -4,7 +4,9 @@ rope settings, tokenizer files, generation config, and `solar_quant.json`."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 from solar_quant import TOOL_NAME, __version__
 from solar_quant.checkpoint.reader import CheckpointReader
@@ -69,9 +71,61 @@ def variant_config(source_cfg: dict, quantization_config: dict, rope: RopeScalin
 
 
 def tool_record(reader: CheckpointReader, method: str, options: dict, **extra) -> dict:
-    """The body of solar_quant.json: deterministic (no timestamps), so reruns give equal bytes."""
+    """The body of solar_quant.json: deterministic (no timestamps), so reruns give equal bytes.
+    The source is named, not located: folder name, sha256 and what the model card needs."""
     record = {"tool": TOOL_NAME, "version": __version__, "method": method, "options": options,
-              "source": reader.identity(), **extra}
+              "source": {**reader.identity(), **source_card_metadata(reader.path)}, **extra}
     if adds_solar_template(reader):
         record["chat_template"] = "solar (added: the source's tokenizer has none)"
     return record
+
+
+_HUB_CACHE_DIR = re.compile(r"^models--([A-Za-z0-9][\w.-]*)--([\w.-]+)$")  # huggingface_hub's cache layout
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def source_card_metadata(path: Path) -> dict:
+    """The source's Hub id (`model_id`) and licence where they can be told from the folder alone:
+    huggingface_hub's cache path (`models--ORG--NAME/snapshots/…`), config.json's `_name_or_path`,
+    the front matter of the source's README.md, or the embedded demo model."""
+    from solar_quant.models.demo import DEMO_LICENSE, DEMO_MODEL_ID, is_demo_folder
+
+    path = Path(path).resolve()
+    found: dict = {}
+    for part in reversed(path.parts):
+        m = _HUB_CACHE_DIR.match(part)
+        if m:
+            found["model_id"] = f"{m.group(1)}/{m.group(2)}"
+            break
+    try:
+        named = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        named = None
+    if "model_id" not in found and isinstance(named, str) and _HUB_ID.match(named) and not Path(named).exists():
+        found["model_id"] = named
+    licence = _front_matter(path / "README.md").get("license")
+    if isinstance(licence, str) and licence:
+        found["license"] = licence
+    if is_demo_folder(path):
+        found = {"model_id": DEMO_MODEL_ID, "license": DEMO_LICENSE}
+    return found
+
+
+def _front_matter(readme: Path) -> dict:
+    """The YAML block at the top of a model card (empty when there is none or it does not parse)."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

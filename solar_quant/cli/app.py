@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 
-from solar_quant.cli.commands import (calibrate_cmd, chat_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd,
-                                      quantize_cmd, run_cmd, verify_cmd)
+from solar_quant.cli.commands import (calibrate_cmd, card_cmd, chat_cmd, eval_cmd, inspect_cmd, models_cmd,
+                                      plan_cmd, quantize_cmd, run_cmd, verify_cmd)
 
-VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd, chat_cmd)
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd, chat_cmd,
+         card_cmd)
 
 app = typer.Typer(
     name="solar-quant",

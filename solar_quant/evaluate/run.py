@@ -53,6 +53,7 @@ class Plan:
     sections: list[Section]
     passkey_template: str | None
     protocol: dict
+    names: list[str]  # baseline first, then each variant: the names reports use (no local paths)
     behaviour: bh.Behaviour | None = None  # --tasks / --generate
 
 
@@ -84,6 +85,8 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         rope = None
     read_device_map(opts.device_map)
     identities = {p: model_identity(p) for p in [baseline, *variants]}
+    paths = [baseline, *variants]
+    names = _names(paths)
     if identities[baseline]["quant_method"] and not allow_quantized_baseline:
         raise OptionError(f"BASELINE {baseline}: is a quantized folder ({identities[baseline]['quant_method']}); ratios "
                           "and KL are measured against the 16-bit source, so pass that folder first (or "
@@ -106,7 +109,7 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         for c in sorted(set(opts.contexts)):  # fails now, not after the baseline pass, when c is too short
             pk.build_prompt(tokenizer, "00000", 0.5, c - pk.NEW_TOKENS, template)
     protocol = {
-        "text": {"source": text.source, "sha256": text.sha256, "chars": len(text.text)},
+        "text": {"source": text.label, "sha256": text.sha256, "chars": len(text.text)},
         "tokenizer": {**tok, "add_special_tokens": True}, "tokens": len(stream),
         "tokens_sha256": hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
         "sections": {s.name: s.protocol for s in sections},
@@ -117,12 +120,13 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
                                                   "trials": opts.passkey_trials, "seed": opts.passkey_seed,
                                                   "new_tokens": pk.NEW_TOKENS, "contexts": sorted(set(opts.contexts))},
         "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_map": opts.device_map,
-        "memory_estimate": memory, "identities": identities,
-        "rope": {p: effective_rope(p, rope, opts.trained_length) for p in identities},
+        "memory_estimate": {n: memory[p] for p, n in zip(paths, names)},
+        "identities": {n: identities[p] for p, n in zip(paths, names)},
+        "rope": {n: effective_rope(p, rope, opts.trained_length) for p, n in zip(paths, names)},
     }
-    behaviour = bh.prepare_behaviour(opts, tokenizer, protocol["rope"][baseline], rope)
+    behaviour = bh.prepare_behaviour(opts, tokenizer, protocol["rope"][names[0]], rope)
     protocol.update(behaviour.protocol)
-    return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol, behaviour), identities
+    return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol, names, behaviour), identities
 
 
 def _load(path: str, plan: Plan, opts: EvalOptions, log) -> LoadedModel:
@@ -158,7 +162,7 @@ def _passkey(loaded: LoadedModel, plan: Plan, opts: EvalOptions, label: str) -> 
 
 def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache, log) -> tuple[dict, dict, dict]:
     """Per-section baseline tensors and passkey results, from the cache or computed once and saved."""
-    ident = [plan.protocol["identities"][baseline].get(k) for k in ("sha256", "files_sha256")]
+    ident = [plan.protocol["identities"][plan.names[0]].get(k) for k in ("sha256", "files_sha256")]
     common = {"baseline": ident, "tokens": plan.protocol["tokens_sha256"], "k": opts.kl_topk,
               "dtype": plan.protocol["dtype"], "device": plan.device.type, "rope": plan.protocol["rope_override"],
               "trained_length": opts.trained_length}
@@ -215,6 +219,14 @@ def _model_result(plan: Plan, per_section: dict, base: dict, variant: bool) -> d
     return out
 
 
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the report folder when inside it, else its name (reports carry no local path)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path.name
+
+
 def _names(paths: list[str]) -> list[str]:
     """Folder names, made unique ('x', 'x#2') so a model compared with itself stays readable."""
     seen: dict[str, int] = {}
@@ -253,8 +265,9 @@ def _evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: st
     cache = BaselineCache(opts.cache_dir or Path(out_dir) / "baseline-cache")
     base_data, base_passkey, base_info, base_extra = _baseline(baseline, plan, opts, cache, log)
     names = _names([baseline, *variants])
-    base_entry = {"name": names[0], "role": "baseline", "path": str(baseline),
-                  "identity": identities[baseline], "rope": plan.protocol["rope"][baseline], **base_info,
+    base_info["cache_dir"] = _relative(Path(base_info["cache_dir"]), Path(out_dir))
+    base_entry = {"name": names[0], "role": "baseline",
+                  "identity": identities[baseline], "rope": plan.protocol["rope"][names[0]], **base_info,
                   **_model_result(plan, base_data, base_data, variant=False), "passkey": base_passkey,
                   **bh.decorate_baseline(base_extra, plan.tokenizer, opts)}
     entries = [base_entry]
@@ -269,7 +282,7 @@ def _evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: st
         passkey = _passkey(loaded, plan, opts, name) if plan.passkey_template else {}
         extra = bh.run_on(loaded.model, plan.tokenizer, plan.behaviour, opts, input_device(loaded.model), log) \
             if plan.behaviour.active else {}
-        entries.append({"name": name, "role": "variant", "path": str(path), "identity": identities[path],
+        entries.append({"name": name, "role": "variant", "identity": identities[path],
                         "rope": loaded.rope, "notes": loaded.notes, "load_s": loaded.load_s,
                         "eval_s": time.monotonic() - start,
                         **_model_result(plan, per_section, base_data, variant=True), "passkey": passkey,

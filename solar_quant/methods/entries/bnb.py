@@ -54,12 +54,20 @@ def _describe_4bit(kind: str):
     return describe
 
 
+def _tags(name: str):
+    def tags(o: dict) -> tuple[str, ...]:
+        if name == "bnb-int8":
+            return ("bitsandbytes", "8-bit", "int8")
+        return ("bitsandbytes", "4-bit", name[4:]) + (("double-quant",) if o.get("double_quant") else ())
+    return tags
+
+
 def _entry(name: str, summary: str, describe) -> MethodEntry:
     return MethodEntry(
         name=name, options=BnbOptions, format="bitsandbytes", summary=summary, build=build, variant=variant,
         describe=describe, cli_options=lambda flags: cli_options(name, flags), host_memory=host_memory,
         time_range=time_range, needs_calibration=False, uses_device=True, check_options=check_options,
-        streams="tensor")
+        streams="tensor", card_tags=_tags(name))
 
 
 register_method(_entry("bnb-int8", "bitsandbytes LLM.int8 (8-bit rows with fp32 scales)", _describe_int8))

@@ -55,4 +55,4 @@ register_method(MethodEntry(
     name="gptq", options=GptqOptions, format="gptq", summary="GPTQ with calibration data (Hessian error feedback)",
     build=build, variant=variant, describe=lambda o: describe_grid(o, "GPTQ"),
     cli_options=lambda flags: cli_options("gptq", flags), host_memory=host_memory, time_range=time_range,
-    needs_calibration=True, streams="decoder layer"))
+    needs_calibration=True, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit")))

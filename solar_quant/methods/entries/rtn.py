@@ -30,4 +30,4 @@ register_method(MethodEntry(
     name="rtn", options=GptqOptions, format="gptq", summary="round-to-nearest on the GPTQ grid, no calibration",
     build=build, variant=gptq.variant, describe=lambda o: gptq.describe_grid(o, "round-to-nearest (RTN), GPTQ v1 layout,"),
     cli_options=lambda flags: gptq.cli_options("rtn", flags), host_memory=host_memory, time_range=time_range,
-    needs_calibration=False, streams="decoder layer"))
+    needs_calibration=False, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit", "rtn")))
