@@ -82,8 +82,9 @@ def stderr():
     return _STATE.err if _STATE.err is not None else sys.stderr
 
 
-def result(text: str) -> None:
+def result(text) -> None:
     """Print the command's result (a path, a table, JSON) on stdout."""
+    text = str(text)
     stream = stdout()
     stream.write(text if text.endswith("\n") else text + "\n")
     stream.flush()
