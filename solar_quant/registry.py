@@ -126,7 +126,7 @@ class MethodEntry:
     describe: Callable[[dict], str]  # the card's first words, from options.model_dump()
     cli_options: Callable[[dict], dict]  # quantize's flag values -> the options model's fields
     host_memory: Callable[..., int]  # (shape, nsamples, seqlen) -> peak host bytes while quantizing
-    time_range: Callable[..., tuple[float, float]]  # (shape, nsamples, seqlen, device, source_bytes) -> s
+    time_range: Callable[..., tuple[float, float]]  # (shape, nsamples, seqlen, device, source_bytes, options=None) -> s
     needs_calibration: bool = False
     uses_device: bool = True  # the builder runs on --device (checked before any work)
     check_options: Callable[[Any], None] | None = None  # option checks pydantic cannot make alone, before any work

@@ -26,6 +26,8 @@ app = typer.Typer(
 for module in VERBS:
     module.register(app)
 
+GLOBAL_FLAGS = ("--verbose", "--quiet")
+
 
 def _print_version(value: bool) -> None:
     if value:
@@ -39,8 +41,28 @@ def _print_version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show what libraries print (banners, INFO lines, warnings), on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines or bars; results and errors only.")] = False,
 ) -> None:
     """Quantize Llama-2-family checkpoints (SOLAR-0-70b and kin) to bitsandbytes and GPTQ, streaming, and prove each variant against fp16."""
+    from solar_quant import console
+
+    if verbose and quiet:
+        from solar_quant.cli.errors import report
+        from solar_quant.errors import OptionError
+
+        report(str(OptionError("--verbose and --quiet: pick one")))
+        raise typer.Exit(2)
+    console.configure(verbose=verbose or None, quiet=quiet or None)
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """`solar-quant eval A B --verbose` means `solar-quant --verbose eval A B`: the two global flags
+    may be written anywhere before a `--`."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    rest = [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
+    return flags + rest
 
 
 def main() -> None:
@@ -54,7 +76,7 @@ def main() -> None:
 
     code = 0
     try:
-        app(standalone_mode=True)
+        app(args=hoist_global_flags(sys.argv[1:]), standalone_mode=True)
     except KeyboardInterrupt:  # a signal that lands outside a command body (parsing, or while exiting)
         from solar_quant.cli.errors import report
 

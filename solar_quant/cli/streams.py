@@ -14,12 +14,15 @@ def result_stdout():
     writes to stdout meanwhile (file descriptor 1 or `sys.stdout`: e.g. a loader's banner or INFO
     lines) lands on stderr. Where stdout is not a file descriptor (an in-process test runner), it
     is yielded as it is."""
+    from solar_quant import console
+
+    out_stream = console.stdout()  # the real stdout even while library chatter is held back
     try:
-        fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
+        fd, err_fd = out_stream.fileno(), console.stderr().fileno()
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        yield sys.stdout
+        yield out_stream
         return
-    sys.stdout.flush()
+    out_stream.flush()
     saved = os.dup(fd)
     result = os.fdopen(os.dup(saved), "w", encoding="utf-8", errors="replace")
     os.dup2(err_fd, fd)
@@ -28,7 +31,7 @@ def result_stdout():
     finally:
         with contextlib.suppress(OSError, ValueError):
             result.flush()
-            sys.stdout.flush()
+            out_stream.flush()
         os.dup2(saved, fd)
         os.close(saved)
         with contextlib.suppress(OSError, ValueError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -46,8 +45,10 @@ def is_demo_folder(path: Path) -> bool:
     return Path(path).resolve() == (cache_dir() / "models" / DEMO_NAME).resolve()
 
 
-def demo_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Return the converted folder, converting on first use."""
+def demo_model_path(log=None) -> Path:
+    """Return the converted folder, converting on first use (progress through `log`, default: progress.log)."""
+    if log is None:
+        from solar_quant.progress import log
     final = cache_dir() / "models" / DEMO_NAME
     if (final / "manifest.json").is_file():
         return final

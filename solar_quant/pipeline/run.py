@@ -68,31 +68,43 @@ def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume:
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    calib = _calibration(recipe, model_path, root, resume, log) if recipe.needs_calibration() else None
+    timings: dict = {"wall_s": {}, "cpu_s": {}}  # per stage, as measured by this process
+
+    def timed(stage: str, fn, *args):
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            timings["wall_s"][stage] = round(time.monotonic() - wall, 1)
+            timings["cpu_s"][stage] = round(time.process_time() - cpu, 1)
+
+    calib = timed("calibration", _calibration, recipe, model_path, root, resume, log) \
+        if recipe.needs_calibration() else None
     for v in recipe.variants:
-        result.variants[v.name] = _quantize(recipe, v, model_path, root, calib, resume, overwrite, log)
+        result.variants[v.name] = timed(f"quantize {v.name}", _quantize, recipe, v, model_path, root, calib, resume,
+                                        overwrite, log)
     for name, path in result.variants.items():
-        _verify(path, model_path, log)
+        timed(f"verify {name}", _verify, path, model_path, log)
 
     if recipe.eval is not None:
         from solar_quant.evaluate.run import evaluate
 
         log(f"[run] evaluating {len(result.variants)} variant(s) against {model_path}")
         try:
-            result.report = evaluate(str(model_path), [str(p) for p in result.variants.values()], recipe.eval,
-                                     str(root / "eval"), log=log)
+            result.report = timed("eval", evaluate, str(model_path), [str(p) for p in result.variants.values()],
+                                  recipe.eval, str(root / "eval"), log)
         except GateError as e:
             result.gate_failure = str(e)
             result.report = json.loads((root / "eval" / "report.json").read_text())
         for rope in recipe.eval.also_rope_scaling:  # e.g. ntk-static:2: the variants as vLLM serves them
             result.rope_reports[rope] = _eval_under(recipe, rope, model_path, result, root, log)
-    _write_cards(recipe, Path(recipe_path), model_path, result)
+    timed("cards", _write_cards, recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
     atomic_write_bytes(root / "run.json", (json.dumps({  # names and sha256s, no local paths (it may be published)
         "recipe": {"name": Path(recipe_path).name, "sha256": hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()},
         "model": CheckpointReader(model_path).identity(), "variants": {k: v.name for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
-        "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n").encode())
+        "seconds": round(time.monotonic() - started, 1), "timings": timings}, indent=2) + "\n").encode())
     return result
 
 
@@ -145,6 +157,10 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
     from solar_quant import registry
 
     entry = registry.method(v.quantize.method)
+    if v.quantize.method == "gptq" and calib is not None:
+        from solar_quant.pipeline.dry_run import log_gptq_estimate
+
+        log_gptq_estimate(model_path, calib, recipe.device, v.quantize, log)
     return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration else None, output,
                        device=recipe.device, resume=resume, log=log)
 

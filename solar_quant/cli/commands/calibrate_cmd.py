@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from solar_quant.cli import options as o
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -37,8 +38,8 @@ def calibrate(
         raise OutputError(f"--out {out}: already exists; pass --overwrite to replace it or choose another folder")
     calib = build_calibration(model, opts)
     path = calib.save(out, overwrite=overwrite)
-    typer.echo(summary(calib))
-    typer.echo(str(path))
+    console.result(summary(calib))
+    console.result(str(path))
 
 
 def register(app: typer.Typer) -> None:

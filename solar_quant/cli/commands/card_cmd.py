@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -26,7 +27,7 @@ def card(
     doc, eval_dir = None, None
     if report is not None:
         doc, eval_dir = _read_report(Path(report))
-    typer.echo(write_card(out, report=doc, eval_dir=eval_dir, license=license, base_model=base_model))
+    console.result(write_card(out, report=doc, eval_dir=eval_dir, license=license, base_model=base_model))
 
 
 def _read_report(path):

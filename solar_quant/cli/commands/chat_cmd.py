@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from solar_quant.cli import options as o
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 VariantArg = Annotated[str, typer.Argument(help="Model folder: 16-bit, bitsandbytes or GPTQ (e.g. one `quantize` wrote).")]
@@ -119,7 +120,7 @@ def _chat_loop(variant: str, opts, out) -> None:
         try:
             line = _read_message(interactive)
         except KeyboardInterrupt:
-            typer.echo("", err=True)
+            typer.echo("", file=console.stderr())
             raise typer.Exit(EXIT_CODE) from None
         if line is None or line.strip() in ("/exit", "/quit"):
             return

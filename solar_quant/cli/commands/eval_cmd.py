@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from solar_quant.cli import options as o
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -108,7 +109,7 @@ def _report_written(out, as_json: bool, result) -> None:
     """stdout gets the table (already shown) or report.json; stderr says where the report went."""
     if as_json:
         print((out / "report.json").read_text().rstrip("\n"), file=result, flush=True)
-    typer.echo(f"report: {out / 'report.md'} and {out / 'report.json'}", err=True)
+    typer.echo(f"report: {out / 'report.md'} and {out / 'report.json'}", file=console.stderr())
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+from solar_quant import console
 from solar_quant.cli import options as o
 from solar_quant.cli.errors import friendly
 
@@ -87,8 +88,12 @@ def quantize(
 
         calib = calibration_from_cli(src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen,
                                      seed=seed, short=short)
+        if method == "gptq":
+            from solar_quant.pipeline.dry_run import log_gptq_estimate
+
+            log_gptq_estimate(src, calib, device, options)
     path = entry.build(src, out, options, calib, output, device=device, resume=resume, log=progress.log)
-    typer.echo(str(path))
+    console.result(str(path))
 
 
 def _output_folder(positional: str | None, option: str | None) -> str:

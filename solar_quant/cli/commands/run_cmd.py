@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli import options as o
 from solar_quant.cli.errors import friendly
 
@@ -27,12 +28,12 @@ def run(
     if dry_run:
         from solar_quant.pipeline.dry_run import dry_run_text
 
-        typer.echo(dry_run_text(recipe, model=model, out=out))
+        console.result(dry_run_text(recipe, model=model, out=out))
         return
     from solar_quant.pipeline.run import format_summary, run_recipe
 
     result = run_recipe(recipe, model=model, out=out, resume=resume, overwrite=overwrite)
-    typer.echo(format_summary(result))
+    console.result(format_summary(result))
     if result.gate_failure:
         raise GateError(result.gate_failure)
 

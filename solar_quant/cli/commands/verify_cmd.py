@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -28,15 +29,15 @@ def verify(
     if as_json:
         import json
 
-        typer.echo(json.dumps({"path": out, "source": source, "samples": samples if source else 0,
+        console.result(json.dumps({"path": out, "source": source, "samples": samples if source else 0,
                                "ok": not findings, "findings": findings}, indent=2))
     else:
         for finding in findings:
-            typer.echo(f"FAIL {finding}")
+            console.result(f"FAIL {finding}")
     if findings:
         raise VerificationError(f"{out}: verify found {len(findings)} problem(s); the first: {findings[0]}")
     if not as_json:
-        typer.echo(f"OK {out}" + (f" (sampled layers match {source})" if source else ""))
+        console.result(f"OK {out}" + (f" (sampled layers match {source})" if source else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -150,16 +150,27 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
 
 # -- loading (eval) ----------------------------------------------------------------------------
 def require_runtime() -> None:
+    """Import optimum and GPTQModel (quietly, `os.environ` restored: `gptq_runtime.import_gptq_runtime`)."""
     import importlib
 
     from solar_quant.errors import DependencyError
+    from solar_quant.formats.gptq_runtime import import_gptq_runtime
 
     for package in ("optimum", "gptqmodel"):
         try:
-            importlib.import_module(package)
+            importlib.import_module(package) if package == "optimum" else import_gptq_runtime()
         except ImportError:
             raise DependencyError(f"loading a GPTQ folder needs optimum and gptqmodel, and {package} is not "
                                   f"importable; run `{GPTQ_EXTRA}`") from None
+
+
+def after_load(model, device, dtype) -> list[str]:
+    """On CPU each GPTQ linear dequantizes once (`gptq_runtime.dequantize_once`)."""
+    if device.type != "cpu":
+        return []
+    from solar_quant.formats import gptq_runtime
+
+    return gptq_runtime.dequantize_once(model)
 
 
 def load_kwargs(qcfg: dict, device, config) -> dict:
@@ -223,6 +234,7 @@ register_format(FormatEntry(
     plan_defaults=tuple(f"gptq-{b}b-g{g}" for b in (8, 4, 3) for g in (32, 64, 128, "none")),
     load_kwargs=load_kwargs,
     require_runtime=require_runtime,
+    after_load=after_load,
     install_hint=f"; run `{GPTQ_EXTRA}`",
     card_install="pip install 'transformers>=5.24' accelerate optimum gptqmodel",
     card_serving=card_serving,

@@ -19,7 +19,7 @@ def host_memory(shape, nsamples: int, seqlen: int) -> int:
     return linear_params(shape) * FP32 + 2 * largest_tensor_bytes(shape)
 
 
-def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:
     from solar_quant.pipeline.dry_run import io_seconds
 
     io = io_seconds(source_bytes)
