@@ -4,32 +4,44 @@ what it costs, how it scored against fp16, and loading code that runs on transfo
 from __future__ import annotations
 
 import json
+import re
 
 from solar_quant import registry
 
+GIB = 1024**3  # the card's one unit, as `solar-quant plan` prints it
+FIT_COLUMNS = {"context": "context", "gpus": "GPUs", "weights_gib": "weights GiB", "kv_cache_gib": "KV cache GiB",
+               "overhead_gib": "overhead GiB", "total_gib": "total GiB", "fits": "fits"}
 
-def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license: str | None, variant: dict,
-                record: dict, fit_rows: list[dict], eval_rows: list[dict], eval_protocol: dict | None,
-                plots: list[str], folder_bytes: int) -> str:
-    """`variant` = {"name", "method", "options", "rope"}; `fit_rows`/`eval_rows` are plain dicts.
+
+
+def render_card(*, recipe_name: str | None, recipe_text: str | None, model_name: str, license: str | None,
+                base_model: str | None, variant: dict, record: dict, fit_rows: list[dict], fit_note: str,
+                eval_rows: list[dict], eval_protocol: dict | None, plots: list[str], folder_bytes: int,
+                tasks_text: str | None = None, serving_rope: str | None = None) -> str:
+    """`variant` = {"name", "method", "options", "rope", "partial_groups", "partial_blocks"}; rows are
+    plain dicts. `recipe_text` is None for a folder made by `quantize` (the card then shows its options).
 
     What is particular to the method (its description, what it streams, whether it records
-    calibration) and to its format (install line, loading note, serving) comes from their entries."""
+    calibration, its tags) and to its format (install line, loading code, serving) comes from their entries.
+    `tasks_text` (the lm-eval task table) and `serving_rope` (which rope each runtime applies) are
+    added when the run measured them."""
     method = registry.method(variant["method"])
+    made_by = f"from the recipe `{recipe_name}`" if recipe_text else "by `solar-quant quantize`"
     parts = [
+        front_matter(license=license, base_model=base_model, variant=variant),
         f"# {variant['name']}",
         "",
         f"{method.describe(variant['options'])} of **{model_name}**, produced by solar-quant {record.get('version', '')} "
-        f"from the recipe `{recipe_name}`, streaming the 16-bit checkpoint one "
-        f"{method.streams} at a time.",
+        f"{made_by}, streaming the 16-bit checkpoint one {method.streams} at a time.",
         "",
-        f"Licence: {license or 'same as the source checkpoint'} (carried over from the source model).",
+        f"Licence: {license or 'not recorded: the same as the source checkpoint'} (carried over from the source model).",
         "",
         "## Files and size",
         "",
-        f"Folder size {folder_bytes / 1e9:.3f} GB ({folder_bytes:,} bytes). `manifest.json` lists the sha256 of every file; "
+        f"Folder size {folder_bytes / GIB:.3f} GiB ({folder_bytes:,} bytes). `manifest.json` lists the sha256 of every file; "
         "`solar-quant verify` checks them and the format's invariants. `solar_quant.json` records the tool version, "
-        "options, source checkpoint identity" + (", calibration card and per-layer quantization error." if method.needs_calibration else "."),
+        "options, source checkpoint identity (name and sha256)"
+        + (", calibration card and per-layer quantization error." if method.needs_calibration else "."),
         "",
         "## Rope scaling",
         "",
@@ -37,7 +49,9 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
         "",
         "## Memory: which GPUs it fits (from `solar-quant plan`)",
         "",
-        _table(fit_rows, ["context", "gpus", "weights_gb", "kv_cache_gb", "total_gb", "fits"]) if fit_rows else "_not computed_",
+        fit_note,
+        "",
+        _table(fit_rows, list(FIT_COLUMNS), FIT_COLUMNS) if fit_rows else "_not computed_",
         "",
         "## Quality against fp16",
         "",
@@ -49,8 +63,14 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
     if plots:
         parts += ["Long context, by position (baseline and this variant, with the run's other variants):", "",
                   " ".join(f"![{name}]({name})" for name in plots), ""]
-    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", _serving(variant), "",
-              "## Recipe", "", "```toml", recipe_text.strip(), "```", ""]
+    if tasks_text:
+        parts += ["## Task scores against fp16 (lm-eval)", "", tasks_text, ""]
+    serve = _serving(variant) + (f"\n\n{serving_rope}" if serving_rope else "")
+    parts += ["## Load it", "", _loading_code(variant), "", "## Serve it", "", serve, ""]
+    if recipe_text:
+        parts += ["## Recipe", "", "```toml", recipe_text.strip(), "```", ""]
+    else:
+        parts += ["## Options", "", "```json", json.dumps(record.get("options", {}), indent=2), "```", ""]
     calib = record.get("calibration")
     if calib:
         parts += ["## Calibration set", "", "```json", json.dumps(calib, indent=2)[:6000], "```", ""]
@@ -60,6 +80,32 @@ def render_card(*, recipe_name: str, recipe_text: str, model_name: str, license:
     return "\n".join(parts)
 
 
+def front_matter(*, license: str | None, base_model: str | None, variant: dict) -> str:
+    """The YAML block the Hub reads: licence, base model and relation, library, task, tags."""
+    meta = [("license", license or "other")]
+    if base_model:
+        meta += [("base_model", base_model), ("base_model_relation", "quantized")]
+    meta += [("library_name", "transformers"), ("pipeline_tag", "text-generation")]
+    lines = ["---"] + [f"{k}: {_yaml(v)}" for k, v in meta] + ["tags:"] + [f"- {_yaml(t)}" for t in card_tags(variant)]
+    return "\n".join(lines + ["---", ""])
+
+
+def card_tags(v: dict) -> list[str]:
+    """Tags for the method and bits (`bitsandbytes`/`gptq`, `4-bit`, `nf4`/`rtn`…), from the method's entry."""
+    tags = registry.method(v["method"]).card_tags
+    return ["solar-quant", "quantized", *(tags(v["options"]) if tags else ())]
+
+
+_PLAIN_YAML = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]*$")
+
+
+def _yaml(value: str) -> str:
+    """A YAML scalar: plain where it cannot be misread, else a JSON string (valid YAML)."""
+    text = str(value)
+    return text if _PLAIN_YAML.match(text) and text.lower() not in ("yes", "no", "true", "false", "null", "on", "off") \
+        else json.dumps(text)
+
+
 def _rope_text(rope: dict) -> str:
     if rope.get("rope_type") in ("dynamic", "linear"):
         return (f"`config.json` carries `rope_parameters = {json.dumps(rope)}`: transformers applies {rope['rope_type']} "
@@ -67,8 +113,9 @@ def _rope_text(rope: dict) -> str:
     return f"`config.json` carries `rope_parameters = {json.dumps(rope)}` (no scaling)."
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+def _table(rows: list[dict], cols: list[str], labels: dict[str, str] | None = None) -> str:
+    labels = labels or {}
+    head = "| " + " | ".join(labels.get(c, c) for c in cols) + " |\n|" + "---|" * len(cols)
     body = ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join([head, *body])
 
@@ -80,22 +127,27 @@ def _fmt(v) -> str:
 
 
 def _loading_code(v: dict) -> str:
+    """Code that runs as written on CPU and CUDA: where a folder has layers the default kernels
+    refuse, its format entry adds the lines that choose a kernel that loads them."""
     fmt = registry.format_of_method(v["method"])
     extra = fmt.card_install
-    note = fmt.card_loading_note(v) if fmt.card_loading_note else ""
+    parts = fmt.card_loading(v) if fmt.card_loading else {}
+    imports = "AutoModelForCausalLM, AutoTokenizer" + (f", {parts['imports']}" if parts.get("imports") else "")
+    before, kwargs, after = parts.get("before", ""), parts.get("kwargs", ""), parts.get("after", "")
+    settings = ("# Quantization and rope settings are read from config.json; "
+                + ("only the kernel is chosen here.\n" if kwargs else "nothing else to pass.\n"))
     return f"""```bash
 {extra}
 ```
 
 ```python
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {imports}
 
 path = "{v['name']}"  # this folder
 tokenizer = AutoTokenizer.from_pretrained(path)
-# Quantization and rope settings are read from config.json; nothing else to pass.
-model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=torch.float16){note}
-prompt = "### User:\\nThomas is healthy, but he has to go to the hospital. What could be the reasons?\\n\\n### Assistant:\\n"
+{settings}{before}model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=torch.float16{kwargs})
+{after}prompt = "### User:\\nThomas is healthy, but he has to go to the hospital. What could be the reasons?\\n\\n### Assistant:\\n"
 inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
 out = model.generate(**inputs, max_new_tokens=256, do_sample=False)
 print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))

@@ -30,6 +30,10 @@ class OutputError(SolarQuantError):
     """The output location cannot be written (exists, read-only, disk full)."""
 
 
+class IntegrityError(OutputError):
+    """What was staged for OUT does not read back as written; nothing was moved under OUT."""
+
+
 class NumericsError(SolarQuantError):
     """A tensor holds NaN/Inf, or a factorization failed beyond recovery."""
 

@@ -98,6 +98,31 @@ class EvalOptions(Frozen):
     cache_dir: str | None = None  # None: OUT/baseline-cache
     max_ppl_ratio_bucket: float | None = None
     max_kld_bucket: float | None = None
+    # added with --tasks / --generate: lm-eval task scores with flips, and generation fidelity
+    tasks: tuple[str, ...] = ()  # lm-eval task/group names (NAME[:SHOTS]) or the preset h4
+    limit: int | None = Field(None, gt=0)  # items per task (per subtask for groups)
+    task_dir: str | None = None  # extra folder of lm-eval task YAMLs (dataset_path: json + data_files)
+    task_batch_size: int = Field(8, gt=0)
+    task_reference: dict[str, float] = Field(default_factory=dict)  # published fp16 scores (percent) by task
+    task_reference_source: str | None = None
+    generate: str | None = None  # JSON-lines prompt file
+    max_new_tokens: int = Field(128, gt=0)
+    generate_template: Literal["auto", "solar", "chat_template", "raw"] = "auto"
+    max_task_drop: float | None = None  # gate: a task's score drop vs the baseline (metric units, 0.01 = 1 point)
+    max_flips: float | None = None  # gate: share of a task's items whose outcome flips
+    also_rope_scaling: tuple[str, ...] = ()  # `run`: evaluate again under each (e.g. ntk-static:2, as vLLM serves)
+
+    @field_validator("also_rope_scaling")
+    @classmethod
+    def _ropes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from solar_quant.rope import RopeScaling
+
+        for text in v:
+            try:
+                RopeScaling.parse(text, flag="also_rope_scaling", allow_static=True)
+            except OptionError as e:
+                raise ValueError(str(e)) from None
+        return v
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

@@ -104,12 +104,13 @@ class FormatEntry:
     plan_defaults: tuple[str, ...] = ()
     load_kwargs: Callable[..., dict] | None = None  # eval: (qcfg, device, config) -> from_pretrained kwargs
     after_load: Callable[..., list[str]] | None = None  # eval: (model, device, dtype) -> notes
-    title: str = ""  # how messages name the format ("GPTQ")
-    load_requires: tuple[str, ...] = ()  # eval: packages transformers needs to load such a folder
-    install_command: str = ""  # eval: what installs them
+    require_runtime: Callable[[], None] | None = None  # eval: raise DependencyError when missing
+    install_hint: str = ""  # eval: appended to an ImportError while loading
     card_install: str = ""  # the card's pip line
     card_serving: Callable[[dict], str] | None = None  # the card's "Serve it" text from the card's variant dict
-    card_loading_note: Callable[[dict], str] | None = None
+    # the card's loading code, from the card's variant dict: {"imports", "before", "kwargs", "after"}
+    # strings added around `from_pretrained` where the folder needs a kernel chosen (absent keys: nothing)
+    card_loading: Callable[[dict], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,12 @@ class MethodEntry:
     describe: Callable[[dict], str]  # the card's first words, from options.model_dump()
     cli_options: Callable[[dict], dict]  # quantize's flag values -> the options model's fields
     host_memory: Callable[..., int]  # (shape, nsamples, seqlen) -> peak host bytes while quantizing
-    time_range: Callable[..., tuple[float, float]]  # (shape, nsamples, seqlen, device, source_bytes) -> s
+    time_range: Callable[..., tuple[float, float]]  # (shape, nsamples, seqlen, device, source_bytes, options=None) -> s
     needs_calibration: bool = False
     uses_device: bool = True  # the builder runs on --device (checked before any work)
     check_options: Callable[[Any], None] | None = None  # option checks pydantic cannot make alone, before any work
     streams: str = "decoder layer"  # what the builder holds at a time (the card says so)
+    card_tags: Callable[[dict], tuple[str, ...]] | None = None  # the card's tags for method and bits (options dict)
     parse_variant: Callable[[str, str, str], Variant | None] | None = None  # plan names of its own
     variant_forms: str = ""
     plan_defaults: tuple[str, ...] = ()

@@ -3,6 +3,10 @@
 transformers 5 keeps rope in `config.rope_parameters = {rope_type, rope_theta, factor?}`;
 older configs carry a top-level `rope_theta` and a `rope_scaling` dict. We read both and
 always write the new form, keeping the model's own rope_theta.
+
+`ntk-static:F` exists only for `eval`: it emulates the one static NTK base that vLLM's
+`DynamicNTKScalingRotaryEmbedding` computes for decoders (see `static_ntk_base`), so a variant
+can be scored as vLLM serves it. No runtime reads it from a config, so variants never carry it.
 """
 
 from __future__ import annotations
@@ -12,23 +16,44 @@ from dataclasses import dataclass
 from solar_quant.errors import OptionError
 
 SCALED_TYPES = ("dynamic", "linear")
+STATIC_NTK = "ntk-static"
+
+
+def static_ntk_base(base: float, factor: float, rotary_dim: int) -> float:
+    """vLLM's decoder base: `base * ((factor * L_max / L) - (factor - 1)) ** (d / (d - 2))` at
+    L_max = factor * L, i.e. `base * (factor**2 - factor + 1) ** (d / (d - 2))`, for every length.
+
+    (vllm/model_executor/layers/rotary_embedding/dynamic_ntk_scaling_rope.py before PR 41277;
+    transformers' dynamic NTK reaches this base only at a sequence of factor x the trained length.)
+    """
+    return float(base) * (factor * factor - factor + 1.0) ** (rotary_dim / (rotary_dim - 2))
+
+
+def dynamic_ntk_base(base: float, factor: float, rotary_dim: int, seq_len: int, trained: int) -> float:
+    """transformers' dynamic NTK base for a sequence of `seq_len` tokens (unchanged up to `trained`)."""
+    seq = max(seq_len, trained)
+    return float(base) * ((factor * seq / trained) - (factor - 1.0)) ** (rotary_dim / (rotary_dim - 2))
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """`kind` is 'keep' (leave the config alone), 'none', 'dynamic' or 'linear'."""
+    """`kind` is 'keep' (leave the config alone), 'none', 'dynamic', 'linear' or (eval only) 'ntk-static'."""
 
     kind: str = "keep"
     factor: float | None = None
 
     @classmethod
-    def parse(cls, text: str, flag: str = "--rope-scaling") -> "RopeScaling":
+    def parse(cls, text: str, flag: str = "--rope-scaling", allow_static: bool = False) -> "RopeScaling":
         text = (text or "keep").strip().lower()
         if text in ("keep", "none"):
             return cls(text)
         kind, _, factor = text.partition(":")
-        if kind not in SCALED_TYPES:
-            raise OptionError(f"{flag} {text!r}: expected keep, none, dynamic:F or linear:F (e.g. dynamic:2)")
+        if kind == STATIC_NTK and not allow_static:
+            raise OptionError(f"{flag} {text!r}: ntk-static:F is an `eval` emulation of vLLM's rope, not a config "
+                              "setting; write dynamic:F or linear:F into a variant")
+        if kind not in (*SCALED_TYPES, STATIC_NTK):
+            extra = ", ntk-static:F" if allow_static else ""
+            raise OptionError(f"{flag} {text!r}: expected keep, none, dynamic:F, linear:F{extra} (e.g. dynamic:2)")
         try:
             value = float(factor)
         except ValueError:

@@ -346,6 +346,8 @@ CASES = {
     "rope-foo-2": _option("--rope-scaling", "foo:2", needles=("--rope-scaling", "foo:2")),
     "device-cuda": _option("--device", "cuda", needles=("--device", "CUDA")),
     "device-garbage": _option("--device", "tpu", needles=("--device", "tpu")),
+    "device-garbage-bnb": _option("--device", "banana", method=("--method", "bnb-nf4"), needles=("--device", "banana")),
+    "device-cuda-bnb": _option("--device", "cuda:7", method=("--method", "bnb-int8"), needles=("--device cuda:7",)),
     "method-unknown": _option(method=("--method", "awq"), needles=("--method", "awq")),
     "double-quant-int8": _option("--double-quant", method=("--method", "bnb-int8"), needles=("--double-quant",)),
     "skip-modules-bad-regex": _option("--skip-modules", "lm_head(", method=("--method", "bnb-nf4"),
@@ -368,6 +370,8 @@ CASES = {
 
 if torch.cuda.is_available():  # the row proves the refusal on a machine without CUDA
     del CASES["device-cuda"]
+if torch.cuda.device_count() > 7:
+    del CASES["device-cuda-bnb"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -443,6 +447,7 @@ quantize = {{ method = "bnb-nf4" }}
 @pytest.mark.parametrize("extra,needles", [
     ("colour = 'blue'", ("unknown key", "variants.0.colour")),
     ("[eval]\nseqlen = 512\nmax_ppl = 1.1", ("unknown key", "eval.max_ppl")),
+    ("[eval]\nseqlen = 512\nmax_kl = 1.1", ("unknown key 'eval.max_kl'", "did you mean 'eval.max_kld'?")),
     ("shard_size = '0'", ("shard_size",)),
     ("rope_scaling = 'dynamic:0.5'", ("rope_scaling",)),
     ("quantize = 3", ("recipe.toml",)),

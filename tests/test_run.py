@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import yaml
 
 from solar_quant.checkpoint.manifest import check_manifest
-from tests.conftest import assert_clean_failure, cli, tree_digest
+from solar_quant.checkpoint.headers import read_header
+from tests.conftest import ROOT, assert_clean_failure, cli, tree_digest
+
+
+def assert_no_local_paths(root: Path, local: list[Path]) -> None:
+    """No file of a run (cards, records, reports, run.json, safetensors headers) names a local folder."""
+    needles = [str(p) for p in local]
+    for f in root.rglob("*"):
+        if not f.is_file() or f.suffix == ".png":
+            continue
+        if f.suffix == ".safetensors":
+            entries, metadata = read_header(str(f))
+            text = json.dumps([list(entries), metadata])
+        else:
+            text = f.read_text(errors="replace")
+        assert not [n for n in needles if n in text], (f, [n for n in needles if n in text])
 
 RECIPE = """
 name = "tiny-demo"
@@ -71,6 +89,17 @@ def test_recipe_runs_end_to_end(tiny_llama, tmp_path):
     assert {r["variant"] for r in run["summary"]} == {"tiny-bnb-int8", "tiny-gptq-4bit-g32"}
     assert all(r["gates"] == "pass" for r in run["summary"])
     assert tree_digest(tiny_llama) == before
+    assert_no_local_paths(out, [tmp_path, tiny_llama.parent, ROOT, Path.home()])
+    meta = yaml.safe_load(gptq_card.split("---\n")[1])
+    assert meta["license"] == "apache-2.0" and {"gptq", "4-bit"} <= set(meta["tags"])
+
+    # `card` refreshes a run's card from the recipe the folder kept (recipe.toml, paths shortened)
+    folder = out / "tiny-bnb-int8"
+    kept = (folder / "recipe.toml").read_text()
+    assert f'path = "{tiny_llama.name}"' in kept and str(tiny_llama) not in kept
+    cli("card", folder, check=True)
+    refreshed = (folder / "README.md").read_text()
+    assert "## Recipe" in refreshed and "Licence: apache-2.0" in refreshed and check_manifest(folder) == []
 
     # Outputs exist: refused without --resume/--overwrite; --resume keeps finished variants.
     assert_clean_failure(cli("run", recipe, "--out", out), "already exists", "--resume")

@@ -7,7 +7,9 @@ under every template. Templates are named objects: `get_template(name, tokenizer
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from solar_quant.errors import CalibrationError
@@ -45,6 +47,47 @@ class SolarTemplate:
         if conversation and conversation[-1]["role"] == "user":
             text += "\n\n" + self.headers["assistant"] + "\n"
         return text
+
+
+# The Jinja form of `SolarTemplate`, written into every variant of a source that has no chat
+# template, so `tokenizer.apply_chat_template` and servers (vLLM, TGI) build the prompts the
+# model was tuned on. It opens with BOS exactly when calibration frames a document with BOS for a
+# tokenizer without a chat template (whenever the tokenizer has one: `sampling.special_tokens`);
+# so tokenize its output with `add_special_tokens=False`. `add_generation_prompt` opens the
+# assistant turn, as `SolarTemplate` does after a user turn. Tested equal to `SolarTemplate`.
+SOLAR_CHAT_TEMPLATE = (
+    "{%- if bos_token %}{{ bos_token }}{%- endif %}"
+    "{%- set headers = {'system': '### System:', 'user': '### User:', 'assistant': '### Assistant:'} %}"
+    "{%- set ns = namespace(first=true) %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in headers %}"
+    "{{- raise_exception('SOLAR template: role must be system, user or assistant, got ' + message['role']) }}"
+    "{%- endif %}"
+    "{%- if not (message['role'] == 'system' and not message['content'].strip()) %}"
+    "{%- if not ns.first %}{{- '\\n\\n' }}{%- endif %}"
+    "{%- set ns.first = false %}"
+    "{{- headers[message['role']] + '\\n' + message['content'] }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{%- if not ns.first %}{{- '\\n\\n' }}{%- endif %}{{- '### Assistant:\\n' }}{%- endif %}"
+)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def has_chat_template(folder: str | Path) -> bool:
+    """Whether a model folder's tokenizer carries a chat template (files only, nothing loaded):
+    `chat_template.jinja` / `chat_template.json` as transformers 5 writes them, a non-empty
+    `chat_template` in `tokenizer_config.json`, or `additional_chat_templates/`."""
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file() or (folder / "chat_template.json").is_file():
+        return True
+    if (folder / "additional_chat_templates").is_dir():
+        return True
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
 
 
 @dataclass(frozen=True)

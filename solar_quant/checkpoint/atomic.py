@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from solar_quant.checkpoint.hooks import boundary
 from solar_quant.errors import OutputError
 
 
@@ -19,6 +20,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        boundary("atomic-write")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

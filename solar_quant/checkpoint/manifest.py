@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from solar_quant.checkpoint.atomic import atomic_write_bytes
+from solar_quant.checkpoint.hooks import boundary
 
 MANIFEST_NAME = "manifest.json"
 
@@ -23,7 +24,11 @@ def build_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:
     """`exclude`: top-level names (files or folders) left out."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
                    and p.relative_to(folder).parts[0] not in exclude)
-    return {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
+    listed = {}
+    for p in files:
+        listed[str(p.relative_to(folder))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        boundary("manifest-hash")
+    return {"files": listed}
 
 
 def write_manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict:

@@ -208,4 +208,5 @@ class CheckpointReader:
                 h.update(json.dumps({k: [e.dtype, e.shape, e.begin, e.end] for k, e in self._header(shard)[0].items()},
                                     sort_keys=True).encode())
         h.update((self.path / "config.json").read_bytes())
-        return {"path": str(self.path.resolve()), "sha256": h.hexdigest(), "basis": f"{basis} + config.json"}
+        # named, not located: records and reports carry no local path
+        return {"name": self.path.resolve().name, "sha256": h.hexdigest(), "basis": f"{basis} + config.json"}

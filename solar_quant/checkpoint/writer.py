@@ -1,7 +1,9 @@
 """Write a checkpoint folder that appears under its final name only when complete.
 
 `StagedFolder` builds the output in a hidden sibling folder (`.NAME.partial`) and renames
-it into place after writing `manifest.json`. `ShardedWriter` streams tensors into
+it into place after writing `manifest.json` and re-reading what was staged
+(`checkpoint.integrity`). It holds OUT's lock (`checkpoint.lock`) from the start until it
+is committed or abandoned, so one writer at a time stages OUT. `ShardedWriter` streams tensors into
 safetensors shards: each tensor's bytes go straight to a data file on disk, so memory
 holds one tensor at a time; when a shard fills, its header and data are joined under a
 temporary name and renamed. Its state is a plain dict, so a resumable job can save it
@@ -17,10 +19,13 @@ from pathlib import Path
 
 import torch
 
+from solar_quant.checkpoint import integrity
 from solar_quant.checkpoint.atomic import atomic_write_bytes
 from solar_quant.checkpoint.atomic import os_error as _os_error
+from solar_quant.checkpoint.hooks import boundary
+from solar_quant.checkpoint.lock import OutputLock
 from solar_quant.checkpoint.manifest import write_manifest
-from solar_quant.errors import OutputError
+from solar_quant.errors import IntegrityError, OutputError
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -64,14 +69,28 @@ class StagedFolder:
     def __init__(self, final: str | Path, overwrite: bool = False, resume: bool = False):
         self.final = Path(final)
         self.staging = self.final.parent / f".{self.final.name}.partial"
-        if self.final.exists() and not overwrite:
-            raise OutputError(f"{self.final}: already exists; pass --overwrite to replace it or choose another output path")
-        if self.staging.exists() and not resume:
-            shutil.rmtree(self.staging)
+        self.lock = OutputLock(self.final, shown=self.staging).acquire()  # a second writer is refused here
         try:
+            self._recover_swap()
+            if self.final.exists() and not overwrite:
+                raise OutputError(f"{self.final}: already exists; pass --overwrite to replace it or choose another output path")
+            if self.staging.exists() and not resume:
+                shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            self.lock.release()
             raise _os_error(self.staging, e) from None
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _recover_swap(self) -> None:
+        """A commit over an older OUT killed between its two renames left OUT at `.NAME.old`: put it back."""
+        old = self.final.parent / f".{self.final.name}.old"
+        if old.is_dir() and not self.final.exists():
+            old.rename(self.final)
+        elif old.is_dir():
+            shutil.rmtree(old)
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -90,8 +109,10 @@ class StagedFolder:
         removal and the renames run with SIGINT/SIGTERM held, so they are never split."""
         from solar_quant.signals import deferred
 
+        boundary("commit")
         try:
             write_manifest(self.staging, exclude=exclude)
+            self._check(exclude)
             with deferred():
                 for name in exclude:
                     p = self.staging / name
@@ -99,21 +120,48 @@ class StagedFolder:
                         shutil.rmtree(p)
                     elif p.exists():
                         p.unlink()
+                boundary("commit-excluded")
                 old = None
                 if self.final.exists():
                     old = self.final.parent / f".{self.final.name}.old"
                     if old.exists():
                         shutil.rmtree(old)
                     self.final.rename(old)
+                    boundary("commit-old-moved")
                 self.staging.rename(self.final)
+                boundary("commit-renamed")
                 if old is not None:
                     shutil.rmtree(old)
         except OSError as e:
             raise _os_error(self.final, e) from None
+        integrity.forget(self.staging)
+        self.lock.release()
         return self.final
 
-    def abandon(self) -> None:
+    def _check(self, exclude: tuple[str, ...]) -> None:
+        """Re-read the staged folder against what was written; a finding abandons it, OUT untouched."""
+        findings = integrity.staged_findings(self.staging, exclude)
+        if findings:
+            self.abandon()
+            more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
+            raise IntegrityError(f"{self.final}: the staged output failed its final check: {findings[0]}{more}; "
+                                 f"nothing was moved under {self.final}; rerun the command")
+        boundary("commit-checked")
+
+    def reset(self) -> None:
+        """Empty the staging folder and keep writing (and holding the lock)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        integrity.forget(self.staging)
+        try:
+            self.staging.mkdir(parents=True)
+        except OSError as e:
+            raise _os_error(self.staging, e) from None
+
+    def abandon(self) -> None:
+        """Remove the staging folder and release OUT's lock: this writer is done."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        integrity.forget(self.staging)
+        self.lock.release()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -186,6 +234,7 @@ class ShardedWriter:
         begin = self.open_bytes
         self.open_bytes += data.nbytes
         self.open_entries[name] = [DTYPE_NAMES[tensor.dtype], list(tensor.shape), begin, self.open_bytes]
+        boundary("tensor")
 
     def flush(self) -> None:
         """Finish the open shard: header + data under a temporary name, then rename."""
@@ -202,6 +251,7 @@ class ShardedWriter:
                 shutil.copyfileobj(src, out, 16 * 1024 * 1024)
                 out.flush()
                 os.fsync(out.fileno())
+            boundary("shard-tmp")
             os.replace(tmp, final)
             data_path.unlink()
         except OSError as e:
@@ -221,7 +271,9 @@ class ShardedWriter:
             src = self.folder / shard["file"]
             if src.exists():
                 src.rename(self.folder / name)
+                boundary("shard-named")
             shard["file"] = name
+            integrity.expect_shard(self.folder, name, shard["entries"], self.metadata)
             for n, (_, _, b, e) in shard["entries"].items():
                 weight_map[n] = name
                 total_size += e - b
@@ -232,12 +284,18 @@ class ShardedWriter:
 
 
 def _unname_closed_shards(folder: Path, n_done: int) -> None:
-    """Give shards renamed by `ShardedWriter.close()` their working names back."""
-    for i in range(1, n_done + 1):
+    """Give shards renamed by `ShardedWriter.close()` their working names back: the saved state's
+    done shards and the one open then (flushed by the close), so it is recovered like any flushed
+    shard; the shards after it are removed by the caller."""
+    finals = {int(p.name.split("-")[1]): p for p in folder.glob("model-*-of-*.safetensors")}
+    if (folder / SINGLE_NAME).exists():
+        finals.setdefault(1, folder / SINGLE_NAME)
+    for i, final in sorted(finals.items()):
         working = folder / working_name(i)
-        for final in (folder / SINGLE_NAME, *folder.glob(f"model-{i:05d}-of-*.safetensors")):
-            if not working.exists() and final.exists() and (n_done == 1 or final.name != SINGLE_NAME):
-                final.rename(working)
+        if i <= n_done + 1 and not working.exists():
+            final.rename(working)
+        else:
+            final.unlink()
     (folder / INDEX_NAME).unlink(missing_ok=True)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
-from solar_quant.cli.commands import (calibrate_cmd, eval_cmd, inspect_cmd, models_cmd, plan_cmd, quantize_cmd,
-                                      run_cmd, verify_cmd)
+from solar_quant.cli.commands import (calibrate_cmd, card_cmd, chat_cmd, eval_cmd, inspect_cmd, models_cmd,
+                                      plan_cmd, quantize_cmd, run_cmd, verify_cmd)
 
-VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd)
+VERBS = (models_cmd, inspect_cmd, plan_cmd, calibrate_cmd, quantize_cmd, verify_cmd, eval_cmd, run_cmd, chat_cmd,
+         card_cmd)
 
 app = typer.Typer(
     name="solar-quant",
@@ -19,9 +21,48 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 for module in VERBS:
     module.register(app)
+
+GLOBAL_FLAGS = ("--verbose", "--quiet")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from solar_quant import TOOL_NAME, __version__
+
+        typer.echo(f"{TOOL_NAME} {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show what libraries print (banners, INFO lines, warnings), on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines or bars; results and errors only.")] = False,
+) -> None:
+    """Quantize Llama-2-family checkpoints (SOLAR-0-70b and kin) to bitsandbytes and GPTQ, streaming, and prove each variant against fp16."""
+    from solar_quant import console
+
+    if verbose and quiet:
+        from solar_quant.cli.errors import report
+        from solar_quant.errors import OptionError
+
+        report(str(OptionError("--verbose and --quiet: pick one")))
+        raise typer.Exit(2)
+    console.configure(verbose=verbose or None, quiet=quiet or None)
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """`solar-quant eval A B --verbose` means `solar-quant --verbose eval A B`: the two global flags
+    may be written anywhere before a `--`."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    rest = [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
+    return flags + rest
 
 
 def main() -> None:
@@ -35,7 +76,7 @@ def main() -> None:
 
     code = 0
     try:
-        app(standalone_mode=True)
+        app(args=hoist_global_flags(sys.argv[1:]), standalone_mode=True)
     except KeyboardInterrupt:  # a signal that lands outside a command body (parsing, or while exiting)
         from solar_quant.cli.errors import report
 

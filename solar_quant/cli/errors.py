@@ -10,14 +10,23 @@ from solar_quant.errors import Interrupted, SolarQuantError
 
 
 def report(message: str) -> None:
-    typer.echo(f"solar-quant: error: {message}", err=True)
+    from solar_quant import console
+
+    typer.echo(f"solar-quant: error: {message}", file=console.stderr())
 
 
 def friendly(fn):
-    """Decorator for command functions: SolarQuantError -> one line + its exit code."""
+    """Decorator for command functions: SolarQuantError -> one line + its exit code; third-party
+    output held back while the command runs (`solar_quant.console.captured`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from solar_quant.console import captured
+
+        with captured():
+            return _run(*args, **kwargs)
+
+    def _run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SolarQuantError as e:

@@ -18,3 +18,4 @@ NSamples = Annotated[int, typer.Option("--nsamples", help="Calibration samples."
 SeqLen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration sample.")]
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed (same inputs + seed give byte-identical output).")]
 Short = Annotated[str, typer.Option("--short", help="Samples shorter than --seqlen: pack (concatenate) or drop.")]
+OUT_FLAGS = ("--out", "-o")  # the output folder, spelled the same by quantize, calibrate, eval and run

@@ -1,4 +1,5 @@
-"""Pass/fail gates for CI: short-context ratio, KL and top-1, and the worst long-context bucket."""
+"""Pass/fail gates for CI: short-context ratio, KL and top-1, the worst long-context bucket,
+and per task the score drop and the share of flipped items."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ SHORT_GATES = (("max_ppl_ratio", "--max-ppl-ratio", "ppl_ratio", "max"),
                ("min_top1", "--min-top1", "top1", "min"))
 BUCKET_GATES = (("max_ppl_ratio_bucket", "--max-ppl-ratio-bucket", "ppl_ratio"),
                 ("max_kld_bucket", "--max-kld-bucket", "kl_mean"))
+TASK_GATES = (("max_task_drop", "--max-task-drop", "drop"), ("max_flips", "--max-flips", "flips"))
 
 
 def _result(model: str, check: str, flag: str, value: float, limit: float, kind: str) -> dict:
@@ -35,4 +37,10 @@ def check_gates(report: dict, opts: EvalOptions) -> dict:
                 worst = max(section["buckets"], key=lambda b: b[key] if b[key] == b[key] else float("inf"))
                 results.append(_result(m["name"], f"{key} (context {context}, positions {worst['start']}-{worst['end']})",
                                        flag, worst[key], limit, "max"))
+        for field, flag, key in TASK_GATES:
+            limit = getattr(opts, field, None)
+            if limit is None:
+                continue
+            for label, t in (m.get("tasks") or {}).items():
+                results.append(_result(m["name"], f"{key} ({label})", flag, t[key], limit, "max"))
     return {"results": results, "passed": all(r["passed"] for r in results)}

@@ -8,7 +8,7 @@ model's dynamic NTK scaling starts where a short training window would have ende
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib  # noqa: F401 - the format entries' runtime checks import through importlib; tests patch it here
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ import torch
 
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.errors import CheckpointError, DependencyError, InputError, OptionError
-from solar_quant.rope import RopeScaling, rope_theta
+from solar_quant.rope import STATIC_NTK, RopeScaling, rope_theta, static_ntk_base
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -90,6 +90,9 @@ def apply_rope_override(config, rope_override: RopeScaling | None, trained_lengt
         params = {"rope_type": "default", "rope_theta": theta}
     elif rope_override is not None and rope_override.kind in ("dynamic", "linear"):
         params = {"rope_type": rope_override.kind, "factor": float(rope_override.factor), "rope_theta": theta}
+    elif rope_override is not None and rope_override.kind == STATIC_NTK:  # vLLM's static base, as a plain rope
+        dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        params = {"rope_type": "default", "rope_theta": static_ntk_base(theta, float(rope_override.factor), dim)}
     if trained_length is not None:
         config.max_position_embeddings = int(trained_length)
         if "original_max_position_embeddings" in params:
@@ -97,7 +100,10 @@ def apply_rope_override(config, rope_override: RopeScaling | None, trained_lengt
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", theta)
     config.rope_parameters = params
-    return {**params, "max_position_embeddings": int(config.max_position_embeddings)}
+    out = {**params, "max_position_embeddings": int(config.max_position_embeddings)}
+    if rope_override is not None and rope_override.kind == STATIC_NTK:
+        out["emulates"] = f"vLLM dynamic NTK x{rope_override.factor:g} (static base from rope_theta {theta:g})"
+    return out
 
 
 def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_length: int | None) -> dict:
@@ -109,16 +115,9 @@ def effective_rope(path: str | Path, rope_override: RopeScaling | None, trained_
 
 def require_runtime(path: str | Path) -> None:
     """Raise DependencyError when the packages that load the folder's format are missing."""
-    _require_packages(_format(CheckpointReader(path)))
-
-
-def _require_packages(fmt) -> None:
-    for package in fmt.load_requires:
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            raise DependencyError(f"loading a {fmt.title or fmt.name} folder needs {' and '.join(fmt.load_requires)}, "
-                                  f"and {package} is not importable; run `{fmt.install_command}`") from None
+    fmt = _format(CheckpointReader(path))
+    if fmt.require_runtime is not None:
+        fmt.require_runtime()
 
 
 def _format(reader: CheckpointReader):
@@ -149,9 +148,16 @@ def read_device_map(spec: str | None):
     return doc
 
 
+LOAD_QUANTIZED = ("int8", "nf4")
+
+
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, device_map=None,
-               rope_override: RopeScaling | None = None, trained_length: int | None = None) -> LoadedModel:
-    """Build the model in `path` for inference with the given rope settings; its format entry gives the load arguments."""
+               rope_override: RopeScaling | None = None, trained_length: int | None = None,
+               quantize_on_load: str | None = None) -> LoadedModel:
+    """Build the model in `path` for inference with the given rope settings; its format entry gives the load arguments.
+
+    `quantize_on_load` ("int8" or "nf4") quantizes a 16-bit folder with bitsandbytes while it
+    loads (transformers' `BitsAndBytesConfig`), as the seed's `load_in_8bit=True` did."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     start = time.monotonic()
@@ -163,8 +169,14 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
     rope = apply_rope_override(config, rope_override, trained_length)
     kwargs: dict = {"config": config, "dtype": dtype}
     notes = []
-    _require_packages(fmt)
-    if fmt.load_kwargs is not None:
+    if quantize_on_load is not None:
+        if fmt.quantized:
+            raise OptionError(f"{path}: already quantized ({method}); --load-in-8bit/--load-in-4bit apply to 16-bit folders only")
+        kwargs["quantization_config"] = _bnb_on_load(quantize_on_load, dtype)
+        from solar_quant import registry
+
+        method, fmt = "bitsandbytes", registry.format_entry("bitsandbytes")  # loads and runs as a bitsandbytes folder
+    elif fmt.load_kwargs is not None:
         kwargs.update(fmt.load_kwargs(reader.config["quantization_config"], device, config))
     device_map = read_device_map(device_map)
     if device_map is not None:
@@ -174,13 +186,23 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, devic
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as e:
-        raise DependencyError(f"{path}: cannot load ({str(e).splitlines()[0]}){f'; run `{fmt.install_command}`' if fmt.install_command else ''}") from None
+        raise DependencyError(f"{path}: cannot load ({str(e).splitlines()[0]}){fmt.install_hint}") from None
     if device_map is None and not fmt.quantized:
         model.to(device)
     if fmt.after_load is not None:
         notes += fmt.after_load(model, device, dtype)
     model.eval()
     return LoadedModel(model, str(path), method, rope, time.monotonic() - start, notes)
+
+
+def _bnb_on_load(kind: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    raise OptionError(f"quantize on load {kind!r}: expected one of {', '.join(LOAD_QUANTIZED)}")
 
 
 def release() -> None:

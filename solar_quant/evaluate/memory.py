@@ -17,6 +17,16 @@ def weights_bytes(reader: CheckpointReader, dtype: torch.dtype) -> int:
     return memory.loaded_weight_bytes(reader.total_bytes, reader.quant_method is not None, torch.finfo(dtype).bits)
 
 
+def dequantized_cache_bytes(reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> int:
+    """GPTQ on CPU keeps each linear's dequantized weight (`loading.gptq_cpu_dequantize_once`)."""
+    if reader.quant_method != "gptq" or device.type != "cpu":
+        return 0
+    from solar_quant.architecture import LlamaShape
+
+    shape = LlamaShape.from_config(reader.config)
+    return sum(o * i for o, i in shape.linear_shapes().values()) * shape.layers * (torch.finfo(dtype).bits // 8)
+
+
 def activation_bytes(cfg: dict, context: int, dtype: torch.dtype, attention: str = "sdpa") -> int:
     """Peak activations for one sequence: hidden states, MLP, KV, one lm_head chunk and the attention scores."""
     return memory.forward_activation_bytes(_shape(cfg), context, torch.finfo(dtype).bits // 8, attention)
@@ -44,7 +54,7 @@ def check_fits(path: str, context: int, dtype: torch.dtype, device: torch.device
                flag: str = "--context") -> dict:
     """Raise OptionError when weights + activations at `context` exceed the free memory."""
     reader = CheckpointReader(path)
-    need_w = weights_bytes(reader, dtype)
+    need_w = weights_bytes(reader, dtype) + dequantized_cache_bytes(reader, dtype, device)
     need_a = activation_bytes(reader.config, context, dtype)
     have = available_bytes(device, device_map)
     gib = 1024**3

@@ -20,7 +20,6 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
 NEEDLE = "The pass key is {key}. Remember it. "
 QUESTION = "\n\nWhat is the pass key?"
 ANSWER_PREFIX = "The pass key is"
-SOLAR_TEMPLATE = "### User:\n{content}\n\n### Assistant:\n"
 TEMPLATES = ("auto", "solar", "chat_template", "raw")
 NEW_TOKENS = 10
 
@@ -61,7 +60,9 @@ def wrap(content: str, template: str, tokenizer) -> tuple[str, bool]:
                                              add_generation_prompt=True)
         return head + ANSWER_PREFIX, False
     if template == "solar":
-        return SOLAR_TEMPLATE.format(content=content) + ANSWER_PREFIX, True
+        from solar_quant.calibration.templates import SolarTemplate
+
+        return SolarTemplate().render([{"role": "user", "content": content}]) + ANSWER_PREFIX, True
     return content + "\n" + ANSWER_PREFIX, True
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from solar_quant import TOOL_NAME, __version__
 from solar_quant.errors import OutputError
 
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "optimum", "gptqmodel")
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "optimum", "gptqmodel", "lm-eval")
 
 
 def versions() -> dict:
@@ -105,6 +105,7 @@ def markdown(report: dict) -> str:
         out += [f"## Passkey retrieval\n\n{pk['trials']} trial(s) per cell, template {pk['template']}; "
                 "accuracy (exact 5-digit number).\n",
                 _table(["model"] + [f"ctx {c} @ {d}" for c, d in cols], rows), ""]
+    out += _tasks_markdown(report) + _generation_markdown(report)
     gates = report.get("gates", {}).get("results", [])
     if gates:
         out += ["## Gates\n", _table(["model", "check", "value", "limit", "result"],
@@ -125,10 +126,100 @@ def console_table(report: dict) -> str:
         for c, depths in (m.get("passkey") or {}).items():
             lines.append(f"{m['name']} passkey context {c}: " +
                          ", ".join(f"depth {d} {v['accuracy']:.2f}" for d, v in depths.items()))
+    lines += task_lines(report)
     for g in report.get("gates", {}).get("results", []):
         lines.append(f"gate {g['flag']} {g['model']} {g['check']}: {_f(g['value'])} "
                      f"(limit {_f(g['limit'])}) {'pass' if g['passed'] else 'FAIL'}")
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}"
+
+
+def task_cell(t: dict, variant: bool) -> str:
+    """'63.2 ± 1.4', and for a variant 'Δ -0.8 [-1.9, +0.3], flips 4.1 %'."""
+    cell = f"{_pct(t['score'])} ± {_pct(t['stderr'])}"
+    if variant and "delta" in t:
+        cell += (f" (Δ {100 * t['delta']:+.1f} [{100 * t['low']:+.1f}, {100 * t['high']:+.1f}], "
+                 f"flips {_pct(t['flips'])} %)")
+    return cell
+
+
+H4_LABELS = ("arc_challenge:25", "hellaswag:10", "mmlu:5", "truthfulqa_mc2:0")
+
+
+def _tasks_markdown(report: dict) -> list[str]:
+    p = report["protocol"].get("tasks")
+    if not p:
+        return []
+    models = report["models"]
+    labels = list(models[0].get("tasks") or {})
+    ref = p.get("reference")
+    head = ["task", "metric", "shots", "items"] + (["published fp16"] if ref else []) + [m["name"] for m in models]
+    rows = []
+    for label in labels:
+        b = models[0]["tasks"][label]
+        row = [label, b["metric"] + (" (mean of subtasks)" if b["group_mean"] else ""), _f(b["shots"]), str(b["n"])]
+        if ref:
+            row.append(_pct(b.get("reference")))
+        rows.append(row + [task_cell(m["tasks"][label], m["role"] == "variant") for m in models])
+    from solar_quant.evaluate.behaviour import h4_average
+
+    if h4_average(models[0]["tasks"]) is not None:  # the leaderboard's own headline number
+        refs = [models[0]["tasks"][k].get("reference") for k in H4_LABELS]
+        published = {k.lower(): v for k, v in (ref or {}).items()}.get("h4")  # the card's own rounded average
+        avg = published / 100 if published is not None else (sum(refs) / 4 if None not in refs else None)
+        row = ["H4 average", "mean of the four", "", ""] + ([_pct(avg)] if ref else [])
+        rows.append(row + [_pct(h4_average(m["tasks"])) for m in models])
+    speed = "; ".join(f"{m['name']} " + ", ".join(f"{label} {_f(t['items_per_s'], 3)}" for label, t in m["tasks"].items())
+                      for m in models)
+    return ["## Tasks (lm-eval)\n",
+            f"Scores in percent ± standard error, lm-eval {p['lm_eval']}, seeds {p['seeds']}, limit "
+            f"{p['limit'] or 'none'} items per task, batch {p['batch_size']}, context {p['context']} tokens. "
+            "Δ: variant − baseline with a 95 % paired bootstrap interval over the same items; flips: share of "
+            "items whose correct/incorrect outcome differs from the baseline's (continuous scores count as "
+            "correct at ≥ 0.5)." + (f" Published fp16 reference: {p.get('reference_source') or 'as given'}." if ref else "") + "\n",
+            _table(head, rows), "", f"Items per second: {speed}.\n"]
+
+
+def _generation_markdown(report: dict) -> list[str]:
+    p = report["protocol"].get("generation")
+    if not p:
+        return []
+    models = report["models"]
+    base = models[0]
+    out = ["## Generation fidelity\n",
+           f"Greedy decoding of up to {p['max_new_tokens']} tokens for {p['prompts']} prompts from `{p['file']}` "
+           f"(sha256 `{p['sha256'][:16]}…`, template {p['template']}). Per prompt: first token where the variant's "
+           "path leaves the baseline's (– = identical), share of identical positions, and the baseline's mean "
+           "log-likelihood per token of the variant's answer (the baseline's own answer in brackets).\n"]
+    rows = []
+    for m in models[1:]:
+        for r, b in zip(m.get("generation") or [], base.get("generation") or []):
+            rows.append([m["name"], r["id"], _f(r["first_divergence"]), _f(r["identical_share"], 3),
+                         f"{_f(r.get('base_loglik_of_variant'), 3)} ({_f(b.get('base_loglik'), 3)})"])
+    out += [_table(["model", "prompt", "first divergence", "identical", "fp16 log-lik"], rows), ""]
+    for i, b in enumerate(base.get("generation") or []):
+        out.append(f"<details><summary>{b['id']}</summary>\n")
+        for m in models:
+            text = (m.get("generation") or [])[i]["text"].strip().replace("\n", " ⏎ ")
+            out.append(f"- **{m['name']}**: {text}")
+        out.append("\n</details>\n")
+    return out
+
+
+def task_lines(report: dict) -> list[str]:
+    lines = []
+    for m in report["models"]:
+        for label, t in (m.get("tasks") or {}).items():
+            lines.append(f"{m['name']} task {label} {t['metric']}: {task_cell(t, m['role'] == 'variant')}")
+        g = m.get("generation_summary")
+        if g:
+            lines.append(f"{m['name']} generation: {g['identical']}/{g['prompts']} identical, identical share "
+                         f"{_f(g['identical_share_mean'], 3)}, median first divergence {_f(g['first_divergence_median'])}, "
+                         f"fp16 log-lik of its answers {_f(g['base_loglik_of_variant_mean'], 3)}")
+    return lines
 
 
 def _atomic(path: Path, data: bytes) -> None:

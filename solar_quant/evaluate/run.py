@@ -15,6 +15,7 @@ import torch
 from solar_quant import progress
 from solar_quant.devices import compute_dtype, resolve_device
 from solar_quant.errors import GateError, OptionError
+from solar_quant.evaluate import behaviour as bh
 from solar_quant.evaluate import passkey as pk
 from solar_quant.evaluate.baseline_cache import BaselineCache, cache_key
 from solar_quant.evaluate.gates import check_gates
@@ -52,6 +53,8 @@ class Plan:
     sections: list[Section]
     passkey_template: str | None
     protocol: dict
+    names: list[str]  # baseline first, then each variant: the names reports use (no local paths)
+    behaviour: bh.Behaviour | None = None  # --tasks / --generate
 
 
 def _sections(opts: EvalOptions, n_tokens: int) -> list[Section]:
@@ -70,17 +73,24 @@ def _sections(opts: EvalOptions, n_tokens: int) -> list[Section]:
     return out
 
 
-def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.log) -> tuple[Plan, dict]:
+def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.log,
+            allow_quantized_baseline: bool = False) -> tuple[Plan, dict]:
     """Every input check that can fail, before any model loads or anything is written."""
     if not variants:
         raise OptionError("eval needs a BASELINE and at least one VARIANT folder")
     device = resolve_device(opts.device)
     dtype = compute_dtype(device, opts.dtype)
-    rope = RopeScaling.parse(opts.rope_scaling) if opts.rope_scaling else None
+    rope = RopeScaling.parse(opts.rope_scaling, allow_static=True) if opts.rope_scaling else None
     if rope is not None and rope.kind == "keep":
         rope = None
     read_device_map(opts.device_map)
     identities = {p: model_identity(p) for p in [baseline, *variants]}
+    paths = [baseline, *variants]
+    names = _names(paths)
+    if identities[baseline]["quant_method"] and not allow_quantized_baseline:
+        raise OptionError(f"BASELINE {baseline}: is a quantized folder ({identities[baseline]['quant_method']}); ratios "
+                          "and KL are measured against the 16-bit source, so pass that folder first (or "
+                          "--allow-quantized-baseline to compare two variants)")
     tok = {p: check_same_tokenizer(baseline, p) for p in variants}[variants[0]]
     for p in identities:
         require_runtime(p)
@@ -99,7 +109,7 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
         for c in sorted(set(opts.contexts)):  # fails now, not after the baseline pass, when c is too short
             pk.build_prompt(tokenizer, "00000", 0.5, c - pk.NEW_TOKENS, template)
     protocol = {
-        "text": {"source": text.source, "sha256": text.sha256, "chars": len(text.text)},
+        "text": {"source": text.label, "sha256": text.sha256, "chars": len(text.text)},
         "tokenizer": {**tok, "add_special_tokens": True}, "tokens": len(stream),
         "tokens_sha256": hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
         "sections": {s.name: s.protocol for s in sections},
@@ -110,10 +120,13 @@ def prepare(baseline: str, variants: list[str], opts: EvalOptions, log=progress.
                                                   "trials": opts.passkey_trials, "seed": opts.passkey_seed,
                                                   "new_tokens": pk.NEW_TOKENS, "contexts": sorted(set(opts.contexts))},
         "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_map": opts.device_map,
-        "memory_estimate": memory, "identities": identities,
-        "rope": {p: effective_rope(p, rope, opts.trained_length) for p in identities},
+        "memory_estimate": {n: memory[p] for p, n in zip(paths, names)},
+        "identities": {n: identities[p] for p, n in zip(paths, names)},
+        "rope": {n: effective_rope(p, rope, opts.trained_length) for p, n in zip(paths, names)},
     }
-    return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol), identities
+    behaviour = bh.prepare_behaviour(opts, tokenizer, protocol["rope"][names[0]], rope)
+    protocol.update(behaviour.protocol)
+    return Plan(device, dtype, rope, tokenizer, stream, sections, template, protocol, names, behaviour), identities
 
 
 def _load(path: str, plan: Plan, opts: EvalOptions, log) -> LoadedModel:
@@ -149,7 +162,7 @@ def _passkey(loaded: LoadedModel, plan: Plan, opts: EvalOptions, label: str) -> 
 
 def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache, log) -> tuple[dict, dict, dict]:
     """Per-section baseline tensors and passkey results, from the cache or computed once and saved."""
-    ident = [plan.protocol["identities"][baseline].get(k) for k in ("sha256", "files_sha256")]
+    ident = [plan.protocol["identities"][plan.names[0]].get(k) for k in ("sha256", "files_sha256")]
     common = {"baseline": ident, "tokens": plan.protocol["tokens_sha256"], "k": opts.kl_topk,
               "dtype": plan.protocol["dtype"], "device": plan.device.type, "rope": plan.protocol["rope_override"],
               "trained_length": opts.trained_length}
@@ -160,6 +173,10 @@ def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache
     status = {name: "hit" if t is not None else "computed" for name, t in data.items()}
     if plan.passkey_template:
         status["passkey"] = "hit" if passkey is not None else "computed"
+    extra_key = cache_key({**common, **{k: plan.protocol.get(k) for k in ("tasks", "generation")}})
+    extra = cache.load_json("behaviour", extra_key) if plan.behaviour.active else {}
+    if plan.behaviour.active:
+        status["tasks/generation"] = "hit" if extra is not None else "computed"
     timing = {"load_s": 0.0, "eval_s": 0.0}
     if "computed" in status.values():
         loaded = _load(baseline, plan, opts, log)
@@ -174,13 +191,16 @@ def _baseline(baseline: str, plan: Plan, opts: EvalOptions, cache: BaselineCache
         if plan.passkey_template and passkey is None:
             passkey = _passkey(loaded, plan, opts, "baseline")
             cache.save_json("passkey", pk_key, passkey)
+        if plan.behaviour.active and extra is None:
+            extra = bh.run_on(loaded.model, plan.tokenizer, plan.behaviour, opts, input_device(loaded.model), log)
+            cache.save_json("behaviour", extra_key, extra)
         timing["eval_s"] = time.monotonic() - start
         timing["notes"] = loaded.notes
         loaded = None
         release()
     else:
         log(f"baseline: every section found in the cache at {cache.root}")
-    return data, passkey or {}, {**timing, "cache": status, "cache_dir": str(cache.root)}
+    return data, passkey or {}, {**timing, "cache": status, "cache_dir": str(cache.root)}, extra or {}
 
 
 def _model_result(plan: Plan, per_section: dict, base: dict, variant: bool) -> dict:
@@ -199,6 +219,14 @@ def _model_result(plan: Plan, per_section: dict, base: dict, variant: bool) -> d
     return out
 
 
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the report folder when inside it, else its name (reports carry no local path)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path.name
+
+
 def _names(paths: list[str]) -> list[str]:
     """Folder names, made unique ('x', 'x#2') so a model compared with itself stays readable."""
     seen: dict[str, int] = {}
@@ -211,19 +239,37 @@ def _names(paths: list[str]) -> list[str]:
 
 
 def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str, log=progress.log,
-             show=progress.log) -> dict:
+             show=progress.log, allow_quantized_baseline: bool = False) -> dict:
     """Score `variants` against `baseline`; write report.json, report.md and plots to `out_dir`.
 
     `show` receives the console table. Raises GateError (after writing the report) when a gate fails.
+    A quantized baseline is refused unless `allow_quantized_baseline`.
+    Holds the locks of `out_dir` and of a baseline cache outside it while it runs (one writer each).
     """
+    from contextlib import ExitStack
+
+    from solar_quant.checkpoint.lock import OutputLock
+
+    cache_dir = Path(opts.cache_dir or Path(out_dir) / "baseline-cache").resolve()
+    with ExitStack() as locks:
+        locks.enter_context(OutputLock(out_dir))
+        if Path(out_dir).resolve() not in cache_dir.parents:
+            locks.enter_context(OutputLock(cache_dir))
+        return _evaluate(baseline, variants, opts, out_dir, log, show, allow_quantized_baseline)
+
+
+def _evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str, log, show,
+              allow_quantized_baseline: bool) -> dict:
     wall = time.monotonic()
-    plan, identities = prepare(baseline, variants, opts, log)
+    plan, identities = prepare(baseline, variants, opts, log, allow_quantized_baseline)
     cache = BaselineCache(opts.cache_dir or Path(out_dir) / "baseline-cache")
-    base_data, base_passkey, base_info = _baseline(baseline, plan, opts, cache, log)
+    base_data, base_passkey, base_info, base_extra = _baseline(baseline, plan, opts, cache, log)
     names = _names([baseline, *variants])
-    base_entry = {"name": names[0], "role": "baseline", "path": str(baseline),
-                  "identity": identities[baseline], "rope": plan.protocol["rope"][baseline], **base_info,
-                  **_model_result(plan, base_data, base_data, variant=False), "passkey": base_passkey}
+    base_info["cache_dir"] = _relative(Path(base_info["cache_dir"]), Path(out_dir))
+    base_entry = {"name": names[0], "role": "baseline",
+                  "identity": identities[baseline], "rope": plan.protocol["rope"][names[0]], **base_info,
+                  **_model_result(plan, base_data, base_data, variant=False), "passkey": base_passkey,
+                  **bh.decorate_baseline(base_extra, plan.tokenizer, opts)}
     entries = [base_entry]
     for path, name in zip(variants, names[1:]):
         loaded = _load(path, plan, opts, log)
@@ -234,10 +280,18 @@ def evaluate(baseline: str, variants: list[str], opts: EvalOptions, out_dir: str
             _score(loaded, plan, s, collector, name)
             per_section[s.name] = collector.tensors()
         passkey = _passkey(loaded, plan, opts, name) if plan.passkey_template else {}
-        entries.append({"name": name, "role": "variant", "path": str(path), "identity": identities[path],
+        extra = bh.run_on(loaded.model, plan.tokenizer, plan.behaviour, opts, input_device(loaded.model), log) \
+            if plan.behaviour.active else {}
+        entries.append({"name": name, "role": "variant", "identity": identities[path],
                         "rope": loaded.rope, "notes": loaded.notes, "load_s": loaded.load_s,
                         "eval_s": time.monotonic() - start,
-                        **_model_result(plan, per_section, base_data, variant=True), "passkey": passkey})
+                        **_model_result(plan, per_section, base_data, variant=True), "passkey": passkey,
+                        **bh.decorate_variant(extra, base_extra, plan.tokenizer)})
+        loaded = None
+        release()
+    if plan.behaviour.prompts:  # fp16's log-likelihood of every answer needs the baseline once more
+        loaded = _load(baseline, plan, opts, log)
+        bh.score_answers(loaded.model, plan.behaviour, entries, input_device(loaded.model))
         loaded = None
         release()
     report = build_report(entries, plan.protocol, time.monotonic() - wall)

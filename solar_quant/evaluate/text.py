@@ -14,6 +14,14 @@ class EvalText:
     source: str  # file path or hf:NAME:CONFIG:SPLIT
     text: str
     sha256: str
+    bundled: bool = False
+
+    @property
+    def label(self) -> str:
+        """How reports name the text: no local path (the sha256 beside it identifies the bytes)."""
+        if self.bundled:
+            return f"bundled:{Path(self.source).name}"
+        return self.source if self.source.startswith("hf:") else Path(self.source).name
 
 
 def _bundled() -> Path:
@@ -56,4 +64,4 @@ def read_text(spec: str | None) -> EvalText:
         source = str(path.resolve())
     if not text.strip():
         raise InputError(f"--text {source}: the text is empty")
-    return EvalText(source, text, hashlib.sha256(text.encode()).hexdigest())
+    return EvalText(source, text, hashlib.sha256(text.encode()).hexdigest(), bundled=spec is None)

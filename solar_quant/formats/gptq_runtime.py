@@ -9,12 +9,42 @@ handles partial groups everywhere. Eval, verify and the tests all load through
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import os
+import sys
 from pathlib import Path
 
 from solar_quant.architecture import LlamaShape
 
 SAFE_BACKEND = "gptq_torch"
+RUNTIME_PACKAGES = ("optimum", "gptqmodel")
+
+
+def import_gptq_runtime() -> None:
+    """Import optimum and GPTQModel the way the rest of the process expects: GPTQModel prints a
+    banner and INFO lines to stdout on import and sets environment variables for itself
+    (PYTORCH_ALLOC_CONF, CUDA_DEVICE_ORDER, TORCHINDUCTOR_CACHE_DIR, KMP_DUPLICATE_LIB_OK, and
+    through tokenicer HF_HOME / HF_HUB_CACHE / TRANSFORMERS_CACHE pointing into /tmp). Its
+    printing goes to stderr (held back by the CLI unless --verbose) and `os.environ` is put back
+    exactly as it was. Raises ImportError like `import gptqmodel` would."""
+    before = dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            for name in RUNTIME_PACKAGES:
+                importlib.import_module(name)
+    finally:
+        restore_environ(before)
+
+
+def restore_environ(before: dict[str, str]) -> None:
+    """Make `os.environ` equal `before` again (added keys removed, changed ones reset)."""
+    for key in [k for k in os.environ if k not in before]:
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def gptq_settings(path: str | Path) -> dict | None:
@@ -47,3 +77,23 @@ def from_pretrained_kwargs(path: str | Path) -> dict:
     return {"quantization_config": GPTQConfig(bits=int(q["bits"]), group_size=int(q["group_size"]),
                                               desc_act=bool(q.get("desc_act", False)), sym=bool(q.get("sym", True)),
                                               backend=SAFE_BACKEND)}
+
+
+def dequantize_once(model) -> list[str]:
+    """On CPU, let each GPTQ linear dequantize its weight once and keep it, instead of on every forward.
+
+    GPTQModel's torch kernel wraps every layer's `dequantize_weight` in its own `torch.compile`
+    (a bound method per instance): dynamo compiles the first 8 (a C++ build each on the CPU), then
+    hits its recompile limit, warns, and runs the rest eagerly, and every forward dequantizes all
+    weights again. The kernel's own weight cache keeps the tensor its dequantization returns, so
+    the logits are the same bits; the cost is a dense copy of the linears in the compute dtype
+    (`evaluate.memory.dequantized_cache_bytes` counts it)."""
+    count = 0
+    for module in model.modules():
+        if not (callable(getattr(module, "enable_weight_cache", None)) and hasattr(module, "qweight")):
+            continue
+        module.__dict__.pop("dequantize_weight", None)  # the per-instance compiled wrapper; the class method stays
+        module.enable_weight_cache(True)
+        count += 1
+    return [f"{count} GPTQ linear(s) on cpu dequantize once and keep the result (same logits; no per-layer "
+            "torch.compile)"] if count else []

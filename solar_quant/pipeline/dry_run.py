@@ -13,12 +13,16 @@ from solar_quant.errors import InputError
 from solar_quant.memory import quantize_host_bytes
 from solar_quant.recipe import Recipe, load_recipe
 
-# Effective GPTQ throughput, in (6 x calibration tokens x linear parameters) per second, with
-# the Hessians, the solves and the forwards folded in; measured, see bench/README.md:
-# GPU: one 70B layer, 128 x 2048 tokens, 4-bit g128 act-order, 29.5 s on one H200 -> 4.6e13.
-# CPU: SmolLM2-135M, 64 x 512 tokens, 4-bit g128, ~15 min on the 2-core machine under load -> 2.4e10.
-CPU_TOKEN_PARAM_PER_S = 2.4e10
-GPU_TOKEN_PARAM_PER_S = 4.6e13
+# GPTQ time = the layer forwards over the calibration tokens (the Hessian passes and the pass that
+# feeds the next layer) + the solves. Forwards, in token x (layer parameters + 2 x seqlen x hidden,
+# the attention term) per second, all layers; the solves in seconds per quantized parameter. Measured:
+# CPU: SmolLM2-135M layer 0, 32 x 512 tokens, 4-bit g128 act-order + clipping, CPU time of each
+#   stage (bench/README.md): forwards 10.6 s of CPU on 2 threads -> 1.28e10 on an idle 2-core
+#   machine; solve 2.8 s with the clipping search, 0.9-1.1 s without (one thread).
+# GPU: one 70B layer, 128 x 2048 tokens, 4-bit g128 act-order, 29.5 s on one H200, solves included.
+CPU_TOKEN_PARAM_PER_S = 1.28e10
+CPU_SOLVE_S_PER_PARAM = {"clip": 7.9e-7, "plain": 2.9e-7}
+GPU_TOKEN_PARAM_PER_S = 7.9e12
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
 
@@ -50,11 +54,56 @@ def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int
     return quantize_host_bytes(shape, method, nsamples, seqlen)
 
 
-def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
-    """The method's own wall-time range (its entry's `time_range`)."""
+def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int,
+                 options=None) -> tuple[float, float]:
+    """The method's own wall-time range (its entry's `time_range`; `options` refine it where they matter)."""
+    import inspect
+
     from solar_quant import registry
 
-    return registry.method(method).time_range(shape, nsamples, seqlen, device, source_bytes)
+    estimate = registry.method(method).time_range
+    if options is not None and "options" in inspect.signature(estimate).parameters:
+        return estimate(shape, nsamples, seqlen, device, source_bytes, options=options)
+    return estimate(shape, nsamples, seqlen, device, source_bytes)
+
+
+def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False) -> float:
+    """Point estimate of GPTQ's compute on an idle machine of the kind measured (see the constants)."""
+    from solar_quant.memory import linear_params
+
+    layer_params = linear_params(shape)
+    token_params = nsamples * seqlen * shape.layers * (layer_params + 2 * seqlen * shape.hidden)
+    if device.startswith("cuda"):
+        return token_params / GPU_TOKEN_PARAM_PER_S
+    solve = shape.layers * layer_params * CPU_SOLVE_S_PER_PARAM["clip" if clip else "plain"]
+    return token_params / CPU_TOKEN_PARAM_PER_S + solve
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f}" if seconds >= 90 else f"{seconds / 60:.1f}"
+
+
+def gptq_time_line(shape: LlamaShape, nsamples: int, seqlen: int, device: str, options=None) -> str:
+    """The line `quantize --method gptq` and `run` print before GPTQ starts."""
+    lo, hi = time_range_s(shape, "gptq", nsamples, seqlen, device, shape.parameter_count() * 2, options)
+    return (f"gptq: {nsamples} x {seqlen} calibration tokens, {shape.layers} layers: expected ~{_minutes(lo)}-"
+            f"{_minutes(hi)} min on {device} (estimate for an idle machine; slower on shared cores; time grows "
+            f"with --nsamples x --seqlen)")
+
+
+def log_gptq_estimate(src, calib, device: str, options, log=None) -> None:
+    """Print the expected GPTQ time before a run starts (the dry run's estimate, same arithmetic).
+    Silent when the source's config cannot be read: the quantizer itself then reports that."""
+    from solar_quant.checkpoint.reader import CheckpointReader
+    from solar_quant.errors import SolarQuantError
+    from solar_quant.progress import log as default_log
+
+    try:
+        shape = LlamaShape.from_config(CheckpointReader(src).config)
+    except SolarQuantError:
+        return
+    nsamples, seqlen = (int(n) for n in calib.input_ids.shape)
+    (log or default_log)(gptq_time_line(shape, nsamples, seqlen, device, options))
 
 
 def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = None) -> str:
@@ -79,17 +128,20 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
         variant = registry.method(q.method).variant(q)
         wb = weight_bytes(shape, variant)
         mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen)
-        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes)
+        lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes, q)
         lines.append(f"- {v.name}: {variant.name}, rope {v.rope_scaling}, shards <= {v.shard_size}")
         lines.append(f"    output weights {wb / 1e9:.2f} GB ({wb:,} bytes); host memory while quantizing ~{mem / 1e9:.1f} GB; "
-                     f"time on {recipe.device} ~{lo / 60:.0f}-{hi / 60:.0f} min")
+                     f"time on {recipe.device} ~{_minutes(lo)}-{_minutes(hi)} min")
         fits = [r for r in fit_rows(shape, variant) if r["fits"] != "no"]
         for context in sorted({r["context"] for r in fits}):
             first = next(r for r in fits if r["context"] == context)
-            lines.append(f"    fits {first['gpus']} at context {context} ({first['total_gb']:.1f} GB with KV cache and overhead)")
+            lines.append(f"    fits {first['gpus']} at context {context} ({first['total_gib']:.1f} GiB with KV cache and overhead)")
     if recipe.eval:
         e = recipe.eval
         lines.append(f"evaluation: seqlen {e.seqlen}, stride {e.stride or e.seqlen}, max tokens {e.max_tokens}, "
                      f"contexts {list(e.contexts)}, rope {e.rope_scaling or 'from config'}, gates ppl-ratio<={e.max_ppl_ratio} "
                      f"kld<={e.max_kld} top1>={e.min_top1}")
+        if e.tasks:
+            lines.append(f"    tasks {', '.join(e.tasks)} (lm-eval, limit {e.limit or 'none'}); again under rope "
+                         f"{', '.join(e.also_rope_scaling) or '-'}")
     return "\n".join(lines)

@@ -33,7 +33,8 @@ from solar_quant.devices import compute_dtype, resolve_device
 from solar_quant.errors import InputError, Interrupted, NumericsError, OptionError, OutputError
 from solar_quant.options import GptqOptions, OutputOptions
 from solar_quant.pipeline import records
-from solar_quant.pipeline.job import JOB_DIR, Job, has_saved_job, interrupted, job_spec, open_job, save_progress
+from solar_quant.pipeline.job import (JOB_DIR, Job, has_saved_job, interrupted, job_spec, open_job, save_progress,
+                                      source_files)
 from solar_quant.pipeline.layer_quant import LayerQuantConfig, collect_hessians, linear_modules, linear_record
 from solar_quant.pipeline.layer_quant import quantize_layer as _quantize_layer
 from solar_quant.pipeline.placement import layer_working_bytes, place_activations
@@ -72,7 +73,7 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
         calib = None
     cfg = layer_config(gptq)
     options = records.recorded_options(gptq, output, dev)
-    spec = job_spec(options, reader.identity()["sha256"], _calibration_sha256(calib))
+    spec = job_spec(options, reader.identity()["sha256"], _calibration_sha256(calib), source_files(reader))
     warnings = records.partial_group_warnings(shape, cfg.group_size)
     for w in warnings:
         log(f"warning: {w['message']}")

@@ -22,6 +22,7 @@ from solar_quant.errors import Interrupted, OptionError, OutputError
 JOB_DIR = ".job"
 JOB_FILE = "job.json"
 JOB_VERSION = 1
+INPUT_NAMES = {"source": "source checkpoint identity", "calibration": "calibration token ids sha256"}
 
 
 @dataclass
@@ -59,12 +60,15 @@ class Job:
 
     def check_matches(self, spec: dict) -> None:
         """Raise OptionError listing every option or input that differs from the saved job."""
-        diffs = []
+        from solar_quant.checkpoint.identity import changes
+
+        old_files, new_files = self.spec.get("inputs", {}).get("source_files"), spec.get("inputs", {}).get("source_files")
+        diffs = changes(old_files, new_files or {}, "source") if old_files != new_files else []  # naming each file
         for section in ("options", "inputs"):
             old, new = self.spec.get(section, {}), spec.get(section, {})
-            for key in sorted(set(old) | set(new)):
+            for key in sorted((set(old) | set(new)) - {"source_files"}):
                 if old.get(key) != new.get(key):
-                    diffs.append(f"{key} {_short(old.get(key))} -> {_short(new.get(key))}")
+                    diffs.append(f"{INPUT_NAMES.get(key, key)} {_short(old.get(key))} -> {_short(new.get(key))}")
         if diffs:
             raise OptionError(f"--resume: the interrupted job in {self.folder} was started with different "
                               f"options or inputs ({'; '.join(diffs)}); rerun with the job's options, or drop --resume to start over")
@@ -102,9 +106,21 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def job_spec(options: dict, source_sha256: str, calibration_sha256: str | None) -> dict:
-    """What a resumed job must match: the recorded options and the identities of its inputs."""
-    return {"options": options, "inputs": {"source": source_sha256, "calibration": calibration_sha256}}
+def job_spec(options: dict, source_sha256: str, calibration_sha256: str | None, files: dict | None = None) -> dict:
+    """What a resumed job must match: the recorded options and the identities of its inputs
+    (`files`: `source_files(reader)`, each source file's identity)."""
+    inputs = {"source": source_sha256, "calibration": calibration_sha256}
+    if files is not None:
+        inputs["source_files"] = files
+    return {"options": options, "inputs": inputs}
+
+
+def source_files(reader) -> dict:
+    """Identities of the source files a job reads or copies (`checkpoint.identity`)."""
+    from solar_quant.checkpoint.identity import source_identity
+    from solar_quant.variant import SIDE_FILES
+
+    return source_identity(reader.path, reader.shards, SIDE_FILES)
 
 
 def open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
@@ -113,8 +129,7 @@ def open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
     if job is None:
         if resume:
             log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
-            staged.abandon()  # whatever a job-less staging folder holds is not ours to continue from
-            staged.staging.mkdir(parents=True)
+            staged.reset()  # whatever a job-less staging folder holds is not ours to continue from
         return Job(staged.staging, spec)
     job.check_matches(spec)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")

@@ -102,9 +102,16 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
                 with clock("to_host"):
                     quantized[name] = {k: t.cpu() for k, t in on_device.items()}
                 del on_device
-                bar.step(f"{layer_prefix(i)}{name} rel. output error {record['linears'][name]['rel_output_error']}")
+                bar.step(_linear_detail(layer_prefix(i) + name, record["linears"][name]))
             del H, qs
     return quantized, record
+
+
+def _linear_detail(name: str, rec: dict) -> str:
+    """Progress detail: the output error where a Hessian measured it (GPTQ), else the weight error (RTN)."""
+    if rec.get("rel_output_error") is not None:
+        return f"{name} rel. output error {rec['rel_output_error']}"
+    return f"{name} rel. weight error {rec['rel_weight_error']}"
 
 
 def collect_hessians(layer, runner, hidden, names: list[str],

@@ -4,16 +4,20 @@ Layout of the run folder (default `out/<recipe name>`):
   calibration/        the calibration artifact (if any variant needs one)
   <variant name>/     each variant folder (atomic; README.md card added after evaluation)
   eval/               report.json, report.md, plots, baseline cache
+  eval-<rope>/        the same evaluation under each of eval.also_rope_scaling (e.g. ntk-static-2)
   run.json            the recipe, the resolved paths and the summary
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from solar_quant.checkpoint.reader import CheckpointReader
+from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.errors import GateError, OutputError, VerificationError
 from solar_quant.options import OutputOptions, parse_size
 from solar_quant.progress import log as default_log
@@ -27,6 +31,7 @@ class RunResult:
     summary: list[dict] = field(default_factory=list)
     report: dict | None = None
     gate_failure: str | None = None
+    rope_reports: dict[str, dict] = field(default_factory=dict)  # eval.also_rope_scaling -> its report
 
 
 def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
@@ -43,6 +48,15 @@ def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
 
 def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = None, resume: bool = False,
                overwrite: bool = False, log=default_log) -> RunResult:
+    """Carry out the recipe into its run folder, holding that folder's lock (one run per folder)."""
+    from solar_quant.checkpoint.lock import OutputLock
+
+    with OutputLock(out or Path("out") / load_recipe(recipe_path).name):
+        return _run_recipe(recipe_path, model=model, out=out, resume=resume, overwrite=overwrite, log=log)
+
+
+def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume: bool, overwrite: bool,
+                log) -> RunResult:
     recipe = load_recipe(recipe_path)
     model_path = resolve_model(recipe, model)
     if model_path is None:
@@ -54,28 +68,43 @@ def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = 
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    calib = _calibration(recipe, model_path, root, resume, log) if recipe.needs_calibration() else None
+    timings: dict = {"wall_s": {}, "cpu_s": {}}  # per stage, as measured by this process
+
+    def timed(stage: str, fn, *args):
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            timings["wall_s"][stage] = round(time.monotonic() - wall, 1)
+            timings["cpu_s"][stage] = round(time.process_time() - cpu, 1)
+
+    calib = timed("calibration", _calibration, recipe, model_path, root, resume, log) \
+        if recipe.needs_calibration() else None
     for v in recipe.variants:
-        result.variants[v.name] = _quantize(recipe, v, model_path, root, calib, resume, overwrite, log)
+        result.variants[v.name] = timed(f"quantize {v.name}", _quantize, recipe, v, model_path, root, calib, resume,
+                                        overwrite, log)
     for name, path in result.variants.items():
-        _verify(path, model_path, log)
+        timed(f"verify {name}", _verify, path, model_path, log)
 
     if recipe.eval is not None:
         from solar_quant.evaluate.run import evaluate
 
         log(f"[run] evaluating {len(result.variants)} variant(s) against {model_path}")
         try:
-            result.report = evaluate(str(model_path), [str(p) for p in result.variants.values()], recipe.eval,
-                                     str(root / "eval"), log=log)
+            result.report = timed("eval", evaluate, str(model_path), [str(p) for p in result.variants.values()],
+                                  recipe.eval, str(root / "eval"), log)
         except GateError as e:
             result.gate_failure = str(e)
             result.report = json.loads((root / "eval" / "report.json").read_text())
-    _write_cards(recipe, Path(recipe_path), model_path, result)
+        for rope in recipe.eval.also_rope_scaling:  # e.g. ntk-static:2: the variants as vLLM serves them
+            result.rope_reports[rope] = _eval_under(recipe, rope, model_path, result, root, log)
+    timed("cards", _write_cards, recipe, Path(recipe_path), model_path, result)
     result.summary = _summary(result)
-    (root / "run.json").write_text(json.dumps({
-        "recipe": str(recipe_path), "model": str(model_path), "variants": {k: str(v) for k, v in result.variants.items()},
+    atomic_write_bytes(root / "run.json", (json.dumps({  # names and sha256s, no local paths (it may be published)
+        "recipe": {"name": Path(recipe_path).name, "sha256": hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()},
+        "model": CheckpointReader(model_path).identity(), "variants": {k: v.name for k, v in result.variants.items()},
         "summary": result.summary, "gate_failure": result.gate_failure,
-        "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+        "seconds": round(time.monotonic() - started, 1), "timings": timings}, indent=2) + "\n").encode())
     return result
 
 
@@ -128,6 +157,10 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
     from solar_quant import registry
 
     entry = registry.method(v.quantize.method)
+    if v.quantize.method == "gptq" and calib is not None:
+        from solar_quant.pipeline.dry_run import log_gptq_estimate
+
+        log_gptq_estimate(model_path, calib, recipe.device, v.quantize, log)
     return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration else None, output,
                        device=recipe.device, resume=resume, log=log)
 
@@ -141,11 +174,27 @@ def _verify(path: Path, source: Path, log) -> None:
     log(f"[run] {path.name}: verified")
 
 
+def _eval_under(recipe: Recipe, rope: str, model_path: Path, result: RunResult, root: Path, log) -> dict:
+    """The recipe's evaluation again with every model's rope set to `rope`, into eval-<rope>/."""
+    from solar_quant.evaluate.run import evaluate
+
+    out = root / f"eval-{rope.replace(':', '-')}"
+    opts = recipe.eval.model_copy(update={"rope_scaling": rope, "also_rope_scaling": ()})
+    log(f"[run] evaluating again with --rope-scaling {rope} into {out}")
+    try:
+        return evaluate(str(model_path), [str(p) for p in result.variants.values()], opts, str(out), log=log)
+    except GateError as e:
+        result.gate_failure = "; ".join(filter(None, [result.gate_failure, f"rope {rope}: {e}"]))
+        return json.loads((out / "report.json").read_text())
+
+
 def _write_cards(recipe: Recipe, recipe_path: Path, model_path: Path, result: RunResult) -> None:
     from solar_quant.pipeline.cards import write_card
 
+    text = recipe_path.read_text()
     for v in recipe.variants:
-        write_card(recipe, recipe_path, model_path, v, result.variants[v.name], result.report, result.out / "eval")
+        write_card(result.variants[v.name], report=result.report, eval_dir=result.out / "eval", recipe=recipe,
+                   recipe_text=text, recipe_name=recipe_path.name, rope_reports=result.rope_reports)
 
 
 def _summary(result: RunResult) -> list[dict]:
@@ -154,7 +203,7 @@ def _summary(result: RunResult) -> list[dict]:
     rows = []
     for name, path in result.variants.items():
         size = sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
-        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": str(path)}
+        row = {"variant": name, "weights_gb": round(size / 1e9, 4), "path": path.name}
         if result.report:
             row.update(eval_row_for(result.report, path))
         rows.append(row)

@@ -8,13 +8,14 @@ from typing import Annotated
 import typer
 
 from solar_quant.cli import options as o
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
 @friendly
 def calibrate(
     model: Annotated[str, typer.Option("--model", help="Model folder whose tokenizer makes the token ids.")],
-    out: Annotated[str, typer.Option("--out", help="Artifact folder (calibration.safetensors + calibration.json); appears only when complete.")],
+    out: Annotated[str, typer.Option(*o.OUT_FLAGS, help="Artifact folder (calibration.safetensors + calibration.json); appears only when complete.")],
     source: o.CalibSource = None,
     fmt: o.CalibFormat = None,
     template: o.Template = "solar",
@@ -37,8 +38,8 @@ def calibrate(
         raise OutputError(f"--out {out}: already exists; pass --overwrite to replace it or choose another folder")
     calib = build_calibration(model, opts)
     path = calib.save(out, overwrite=overwrite)
-    typer.echo(summary(calib))
-    typer.echo(str(path))
+    console.result(summary(calib))
+    console.result(str(path))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -19,7 +20,7 @@ def inspect(
     from solar_quant.inspect import format_inspect, inspect_checkpoint
 
     info = inspect_checkpoint(path)
-    typer.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+    console.result(json.dumps(info, indent=2) if as_json else format_inspect(info))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 PRESETS = ("solar-0-70b",)
@@ -21,10 +22,10 @@ def plan(
     batch: Annotated[int, typer.Option("--batch", help="Sequences at once.")] = 1,
     variants: Annotated[Optional[list[str]], typer.Option("--variants", help="Only these (repeatable or comma-separated), e.g. fp16,bnb-nf4,gptq-4b-g128.")] = None,
     logits: Annotated[str, typer.Option("--logits", help="all: score every position (eval); last: generation only.")] = "all",
-    device_map_out: Annotated[Optional[str], typer.Option("--device-map-out", help="Write the first fitting variant's device_map as JSON to this file.")] = None,
+    device_map_out: Annotated[Optional[str], typer.Option("--device-map-out", help="Write the recommended variant's device_map (the best-quality one that fits) as JSON to this file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Exact weight bytes of each variant, KV cache, runtime overhead, whether it fits the GPUs, and a per-GPU layer split (device_map)."""
+    """Exact weight bytes of each variant, KV cache, runtime overhead, whether it fits the GPUs, a per-GPU layer split (device_map), and the best-quality variant that fits."""
     from solar_quant.gpus import describe, parse_gpus
     from solar_quant.plan import Variant, format_plan
     from solar_quant.plan import plan as make_plan
@@ -32,15 +33,24 @@ def plan(
     shape, title = _shape(path, preset)
     gpu_list = parse_gpus(gpus)
     chosen = [Variant.parse(v) for item in (variants or []) for v in item.split(",") if v.strip()] or None
+    from solar_quant.quality import best, recommendation, recommendation_lines
+
     rows = make_plan(shape, gpu_list, context, batch, chosen, logits)
+    advice = recommendation(rows, gpus, context, batch, logits)
     if device_map_out:
-        _write_device_map(device_map_out, rows)
+        _write_device_map(device_map_out, best(rows))
+        advice["device_map_out"] = device_map_out
     if as_json:
         doc = {"model": title, "gpus": [g.capacity for g in gpu_list], "context": context, "batch": batch,
-               "logits": logits, "rows": [r.to_dict() for r in rows]}
-        typer.echo(json.dumps(doc, indent=2))
+               "logits": logits, "figures_for": advice["figures_for"], "recommendation": advice,
+               "rows": [r.to_dict() for r in rows]}
+        console.result(json.dumps(doc, indent=2))
     else:
-        typer.echo(format_plan(rows, title, f"{gpus} ({describe(gpu_list)})", context, batch, logits))
+        lines = recommendation_lines(advice)
+        if device_map_out:
+            lines.insert(2, f"  device_map of {advice['variant']} written to {device_map_out}")
+        console.result(format_plan(rows, title, f"{gpus} ({describe(gpu_list)})", context, batch, logits)
+                       + "\n\n" + "\n".join(lines))
 
 
 def _shape(path: str | None, preset: str | None):
@@ -63,20 +73,19 @@ def _shape(path: str | None, preset: str | None):
     return shape, f"model: {reader.path} ({shape.parameter_count() / 1e9:.2f} B parameters)"
 
 
-def _write_device_map(target: str, rows) -> None:
+def _write_device_map(target: str, row) -> None:
     from pathlib import Path
 
     from solar_quant.errors import OptionError, OutputError
 
-    fitting = [r for r in rows if r.fits]
-    if not fitting:
+    if row is None:
         raise OptionError(f"--device-map-out {target}: no variant fits the given GPUs, so there is no device_map to write")
     out = Path(target)
     if not out.parent.is_dir():
         raise OutputError(f"--device-map-out {target}: folder {out.parent} does not exist; create it first")
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        tmp.write_text(json.dumps(fitting[0].device_map, indent=2) + "\n")
+        tmp.write_text(json.dumps(row.device_map, indent=2) + "\n")
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)

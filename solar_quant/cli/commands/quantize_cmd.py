@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+from solar_quant import console
 from solar_quant.cli import options as o
 from solar_quant.cli.errors import friendly
 
@@ -26,8 +27,9 @@ class QuantizeCommand(TyperCommand):
 @friendly
 def quantize(
     src: Annotated[str, typer.Argument(help="16-bit source checkpoint folder (never modified).")],
-    out: Annotated[str, typer.Argument(help="Output folder; appears only when complete.")],
     method: Annotated[str, typer.Option("--method", help="A registered method: bnb-int8, bnb-nf4, bnb-fp4, gptq, rtn, ...")],
+    out_arg: Annotated[Optional[str], typer.Argument(help="Output folder (or --out); appears only when complete.")] = None,
+    out_opt: Annotated[Optional[str], typer.Option(*o.OUT_FLAGS, help="Output folder (same as OUT).")] = None,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="bnb 4-bit: quantize the absmax constants too.")] = False,
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="bnb 4-bit compute dtype: float16, bfloat16, float32.")] = "float16",
     skip_modules: Annotated[Optional[list[str]], typer.Option("--skip-modules", help="bnb: module names kept in 16-bit (default: lm_head).")] = None,
@@ -57,10 +59,12 @@ def quantize(
         help="gptq/rtn: save a resume point (job + hidden states) at most this often; 0: after every layer.")] = 120.0,
 ) -> None:
     """Quantize SRC into OUT, one tensor (bnb) or one decoder layer (gptq/rtn) at a time."""
+    from solar_quant.errors import OptionError
     from solar_quant.options import OutputOptions, build, parse_size
     from solar_quant.rope import RopeScaling
     from solar_quant.signals import set_interrupt_hint
 
+    out = _output_folder(out_arg, out_opt)
     set_interrupt_hint(f"interrupted; nothing partial was left under {out} (a variant appears there only when "
                        "complete); rerun the same command to start again")
 
@@ -76,14 +80,30 @@ def quantize(
     options = build(entry.options, **entry.cli_options(flags))
     if entry.uses_device:
         _preflight(src, out, output, device)  # before any calibration set is built
+    elif device != "cpu":
+        raise OptionError(f"--device {device}: method {method} does not run on a device; drop --device")
     calib = None
     if entry.needs_calibration:
         from solar_quant.calibration.build import calibration_from_cli
 
         calib = calibration_from_cli(src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen,
                                      seed=seed, short=short)
+        if method == "gptq":
+            from solar_quant.pipeline.dry_run import log_gptq_estimate
+
+            log_gptq_estimate(src, calib, device, options)
     path = entry.build(src, out, options, calib, output, device=device, resume=resume, log=progress.log)
-    typer.echo(str(path))
+    console.result(str(path))
+
+
+def _output_folder(positional: str | None, option: str | None) -> str:
+    from solar_quant.errors import OptionError
+
+    if positional and option and positional != option:
+        raise OptionError(f"OUT {positional} and --out {option}: give the output folder once")
+    if not (positional or option):
+        raise OptionError("OUT: missing; give the output folder as `quantize SRC OUT` or `--out OUT`")
+    return positional or option
 
 
 def _preflight(src: str, out: str, output, device: str) -> None:

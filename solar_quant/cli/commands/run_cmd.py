@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
+from solar_quant.cli import options as o
 from solar_quant.cli.errors import friendly
 
 
@@ -13,7 +15,7 @@ from solar_quant.cli.errors import friendly
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe TOML file (see recipes/).")],
     model: Annotated[Optional[str], typer.Option("--model", help="16-bit source checkpoint; overrides the recipe's model.path.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Run folder (default: out/<recipe name>).")] = None,
+    out: Annotated[Optional[str], typer.Option(*o.OUT_FLAGS, help="Run folder (default: out/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished variants and continue interrupted ones.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo variants whose folders exist.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan with memory and time estimates; run nothing.")] = False,
@@ -26,12 +28,12 @@ def run(
     if dry_run:
         from solar_quant.pipeline.dry_run import dry_run_text
 
-        typer.echo(dry_run_text(recipe, model=model, out=out))
+        console.result(dry_run_text(recipe, model=model, out=out))
         return
     from solar_quant.pipeline.run import format_summary, run_recipe
 
     result = run_recipe(recipe, model=model, out=out, resume=resume, overwrite=overwrite)
-    typer.echo(format_summary(result))
+    console.result(format_summary(result))
     if result.gate_failure:
         raise GateError(result.gate_failure)
 

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from solar_quant import console
 from solar_quant.cli.errors import friendly
 
 
@@ -14,6 +15,7 @@ def verify(
     out: Annotated[str, typer.Argument(help="Variant folder written by `solar-quant quantize`.")],
     source: Annotated[Optional[str], typer.Option("--source", help="The 16-bit checkpoint it was made from: also de-quantize sampled layers and compare.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Layers de-quantized with --source (spread from first to last).")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {path, source, samples, ok, findings} as JSON.")] = False,
 ) -> None:
     """Check manifest hashes, tensor names/dtypes/shapes, format invariants (GPTQ qzeros/g_idx/scales,
     bitsandbytes SCB/absmax/quant state), config agreement and rope settings; with --source, the
@@ -24,11 +26,18 @@ def verify(
     if samples < 0:
         raise OptionError(f"--samples {samples}: must be 0 or more")
     findings = verify_variant(out, source, samples=samples)
-    for finding in findings:
-        typer.echo(f"FAIL {finding}")
+    if as_json:
+        import json
+
+        console.result(json.dumps({"path": out, "source": source, "samples": samples if source else 0,
+                               "ok": not findings, "findings": findings}, indent=2))
+    else:
+        for finding in findings:
+            console.result(f"FAIL {finding}")
     if findings:
         raise VerificationError(f"{out}: verify found {len(findings)} problem(s); the first: {findings[0]}")
-    typer.echo(f"OK {out}" + (f" (sampled layers match {source})" if source else ""))
+    if not as_json:
+        console.result(f"OK {out}" + (f" (sampled layers match {source})" if source else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+from solar_quant.errors import OptionError
 from solar_quant.registry import FormatEntry, Variant, register_format
 
 BLOCKSIZE = 64
@@ -186,15 +188,35 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
 
 
 # -- loading (eval) ----------------------------------------------------------------------------
+BNB_CPU_KERNEL_ENV = "SOLAR_QUANT_BNB_CPU_KERNEL"  # auto (bitsandbytes decides) | generic
+
+
+def bnb_cpu_kernel_allowed() -> bool:
+    """Whether bitsandbytes' AVX-512-bf16 4-bit CPU path may run: the CPU has it and
+    SOLAR_QUANT_BNB_CPU_KERNEL does not ask for the generic kernel (dequantize, then a plain
+    matmul), which every x86-64 machine runs the same way."""
+    choice = os.environ.get(BNB_CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "generic"):
+        raise OptionError(f"{BNB_CPU_KERNEL_ENV}={choice!r}: expected auto or generic")
+    if choice == "generic":
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
 def after_load(model, device, dtype) -> list[str]:
     """On CPU run bnb 4-bit layers in the eval dtype (fp16 matmuls are slow there); weights unchanged.
 
-    Returns notes for the report describing what runs differently from the folder's own settings."""
+    Returns notes for the report describing what runs differently from the folder's own settings,
+    and which 4-bit kernel runs: bitsandbytes repacks weights for its AVX-512-bf16 kernel (bf16
+    activations) where the CPU has it, and dequantizes them for a plain matmul elsewhere."""
     if device.type != "cpu":
         return []
     import bitsandbytes as bnb
 
-    changed, unpacked, int8 = 0, 0, 0
+    allowed = bnb_cpu_kernel_allowed()
+    changed, unpacked, packed, generic, int8 = 0, 0, 0, 0, 0
     for module in model.modules():
         int8 += isinstance(module, bnb.nn.Linear8bitLt)
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -205,17 +227,44 @@ def after_load(model, device, dtype) -> list[str]:
         # bnb 0.50's AVX512-bf16 repacking assumes in_features % blocksize == 0 and fails otherwise;
         # such layers keep the generic kernel (same weights, same math).
         state = getattr(module.weight, "quant_state", None)
-        if state is not None and module.in_features % state.blocksize and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            unpacked += 1
+        use = allowed and not (state is not None and module.in_features % state.blocksize)
+        unpacked += allowed and not use
+        module.support_avx512bf16_for_cpu = use
+        packed += use
+        generic += not use
     notes = [f"bnb 4-bit compute dtype set to {str(dtype).removeprefix('torch.')} on cpu"] if changed else []
     if int8:
         notes.append("bnb int8 layers cast their inputs to float16 for the int8 matmul (as bitsandbytes does)")
-    return notes + ([f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel"]
-                    if unpacked else [])
+    if unpacked:
+        notes.append(f"{unpacked} bnb 4-bit layer(s) with in_features not a multiple of the blocksize use the generic cpu kernel")
+    if packed or generic:
+        notes.append(bnb_kernel_note(packed, generic))
+    return notes
+
+
+def bnb_kernel_note(packed: int, generic: int) -> str:
+    """The report's line naming the 4-bit CPU kernels that ran (numbers differ slightly between them)."""
+    parts = ([f"AVX-512-bf16 (bf16 activations) on {packed} layer(s)"] if packed else []) + \
+        ([f"generic (dequantize + matmul) on {generic} layer(s)"] if generic else [])
+    return "bnb 4-bit cpu kernel: " + ", ".join(parts)
 
 
 # -- the model card --------------------------------------------------------------------------
+def card_loading(v: dict) -> dict:
+    """bitsandbytes 0.50's AVX-512-bf16 CPU path cannot repack a 4-bit layer whose inputs are not a
+    multiple of the blocksize (not SmolLM2's or SOLAR's shapes; the tiny test model's 160): the
+    card's code keeps such layers on the generic kernel, so it runs on every CPU."""
+    blocks = v.get("partial_blocks") or {}
+    if v["method"] == "bnb-int8" or not blocks:
+        return {}
+    ks = ", ".join(str(k) for k in sorted(set(blocks.values())))
+    return {"after": (f"# bitsandbytes' AVX-512-bf16 CPU kernel cannot repack layers whose inputs ({ks}) are not a "
+                      f"multiple of its\n# blocksize {BLOCKSIZE}; those layers keep the generic kernel (same weights).\n"
+                      "for m in model.modules():\n"
+                      f"    if getattr(m, \"support_avx512bf16_for_cpu\", False) and m.in_features % {BLOCKSIZE}:\n"
+                      "        m.support_avx512bf16_for_cpu = False\n")}
+
+
 def card_serving(v: dict) -> str:
     max_len = 10240 if v["rope"].get("rope_type") == "dynamic" else None
     return ("vLLM loads pre-quantized bitsandbytes folders: "
@@ -242,4 +291,5 @@ register_format(FormatEntry(
     after_load=after_load,
     card_install="pip install 'transformers>=5.24' accelerate bitsandbytes",
     card_serving=card_serving,
+    card_loading=card_loading,
 ))

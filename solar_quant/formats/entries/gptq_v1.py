@@ -149,11 +149,36 @@ def compare_linear(reader, src, module: str, variant: Variant, record: dict, lay
 
 
 # -- loading (eval) ----------------------------------------------------------------------------
+def require_runtime() -> None:
+    """Import optimum and GPTQModel (quietly, `os.environ` restored: `gptq_runtime.import_gptq_runtime`)."""
+    import importlib
+
+    from solar_quant.errors import DependencyError
+    from solar_quant.formats.gptq_runtime import import_gptq_runtime
+
+    for package in ("optimum", "gptqmodel"):
+        try:
+            importlib.import_module(package) if package == "optimum" else import_gptq_runtime()
+        except ImportError:
+            raise DependencyError(f"loading a GPTQ folder needs optimum and gptqmodel, and {package} is not "
+                                  f"importable; run `{GPTQ_EXTRA}`") from None
+
+
+def after_load(model, device, dtype) -> list[str]:
+    """On CPU each GPTQ linear dequantizes once (`gptq_runtime.dequantize_once`)."""
+    if device.type != "cpu":
+        return []
+    from solar_quant.formats import gptq_runtime
+
+    return gptq_runtime.dequantize_once(model)
+
+
 def load_kwargs(qcfg: dict, device, config) -> dict:
     """A `GPTQConfig` whose kernel runs here: CPU kernels (and Marlin on GPU) need K % group_size == 0;
     the torch kernel handles the rest."""
     from transformers import GPTQConfig
 
+    require_runtime()
     group = int(qcfg.get("group_size", 128))
     kwargs = dict(bits=int(qcfg["bits"]), group_size=group, desc_act=bool(qcfg.get("desc_act", False)),
                   sym=bool(qcfg.get("sym", True)))
@@ -164,12 +189,21 @@ def load_kwargs(qcfg: dict, device, config) -> dict:
 
 
 # -- the model card --------------------------------------------------------------------------
-def card_loading_note(v: dict) -> str:
-    if not v.get("k_not_divisible"):
-        return ""
-    return ("\n# Some layers' input size is not a multiple of the group size: on CPU pick the kernel that handles it:\n"
-            "# from transformers import GPTQConfig\n"
-            f"# model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits={v['options'].get('bits')}, backend=\"gptq_torch\"))\n")
+def card_loading(v: dict) -> dict:
+    """Where the group size does not divide some linear's inputs (SmolLM2's 576 with g128), the
+    default CPU kernel and Marlin refuse the layer: the card's code picks GPTQModel's torch kernel,
+    which loads it on CPU and CUDA."""
+    partial = v.get("partial_groups") or {}
+    if not partial:
+        return {}
+    o = v["options"]
+    ks = ", ".join(str(k) for k in sorted(set(partial.values())))
+    return {"imports": "GPTQConfig",
+            "before": (f"# Some linears' inputs ({ks}) are not a multiple of the group size {o.get('group_size')}: the "
+                       "default CPU kernel and\n# Marlin refuse them; GPTQModel's torch kernel loads them on CPU and CUDA.\n"
+                       f"kernel = GPTQConfig(bits={o.get('bits')}, group_size={o.get('group_size')}, "
+                       f"desc_act={bool(o.get('act_order'))}, sym={bool(o.get('sym', True))}, backend=\"gptq_torch\")\n"),
+            "kwargs": ", quantization_config=kernel"}
 
 
 def card_serving(v: dict) -> str:
@@ -178,7 +212,7 @@ def card_serving(v: dict) -> str:
     lines = [f"vLLM: `vllm serve {v['name']} --quantization gptq{' --max-model-len %d' % max_len if max_len else ''}`.",
              f"TGI: `text-generation-launcher --model-id /data/{v['name']} --quantize gptq"
              + (f" --rope-scaling {rope['rope_type']} --rope-factor {rope.get('factor')} --max-total-tokens {max_len}" if max_len else "") + "`."]
-    if v.get("k_not_divisible"):
+    if v.get("partial_groups"):
         lines.append("Note: some layers' input size is not a multiple of the group size; vLLM's Marlin kernels refuse "
                      "such layers (use `--quantization gptq` with the exllama/triton path or transformers).")
     return "\n".join(lines)
@@ -199,10 +233,10 @@ register_format(FormatEntry(
     variant_forms="gptq-<2|3|4|8>b-g<size|none>[-act]",
     plan_defaults=tuple(f"gptq-{b}b-g{g}" for b in (8, 4, 3) for g in (32, 64, 128, "none")),
     load_kwargs=load_kwargs,
-    title="GPTQ",
-    load_requires=("optimum", "gptqmodel"),
-    install_command=GPTQ_EXTRA,
+    require_runtime=require_runtime,
+    after_load=after_load,
+    install_hint=f"; run `{GPTQ_EXTRA}`",
     card_install="pip install 'transformers>=5.24' accelerate optimum gptqmodel",
     card_serving=card_serving,
-    card_loading_note=card_loading_note,
+    card_loading=card_loading,
 ))

@@ -11,7 +11,7 @@ def build(src, out, options: BnbOptions, calib, output, *, device: str = "cpu", 
     from solar_quant import progress
     from solar_quant.pipeline.bnb import build_bnb_variant
 
-    return build_bnb_variant(src, out, options, output, log=log or progress.log)
+    return build_bnb_variant(src, out, options, output, log=log or progress.log, device=device)
 
 
 def check_options(options: BnbOptions) -> None:
@@ -37,7 +37,7 @@ def host_memory(shape, nsamples: int, seqlen: int) -> int:
     return 4 * largest_tensor_bytes(shape)
 
 
-def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:
     from solar_quant.pipeline.dry_run import io_seconds
 
     io = io_seconds(source_bytes)
@@ -54,12 +54,20 @@ def _describe_4bit(kind: str):
     return describe
 
 
+def _tags(name: str):
+    def tags(o: dict) -> tuple[str, ...]:
+        if name == "bnb-int8":
+            return ("bitsandbytes", "8-bit", "int8")
+        return ("bitsandbytes", "4-bit", name[4:]) + (("double-quant",) if o.get("double_quant") else ())
+    return tags
+
+
 def _entry(name: str, summary: str, describe) -> MethodEntry:
     return MethodEntry(
         name=name, options=BnbOptions, format="bitsandbytes", summary=summary, build=build, variant=variant,
         describe=describe, cli_options=lambda flags: cli_options(name, flags), host_memory=host_memory,
-        time_range=time_range, needs_calibration=False, uses_device=False, check_options=check_options,
-        streams="tensor")
+        time_range=time_range, needs_calibration=False, uses_device=True, check_options=check_options,
+        streams="tensor", card_tags=_tags(name))
 
 
 register_method(_entry("bnb-int8", "bitsandbytes LLM.int8 (8-bit rows with fp32 scales)", _describe_int8))

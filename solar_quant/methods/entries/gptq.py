@@ -42,20 +42,17 @@ def host_memory(shape, nsamples: int, seqlen: int) -> int:
     return linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
 
 
-def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
-    """Throughput measured in bench/ (see pipeline/dry_run.py), plus reading and writing the shards."""
-    from solar_quant.memory import linear_params
-    from solar_quant.pipeline.dry_run import CPU_TOKEN_PARAM_PER_S, GPU_TOKEN_PARAM_PER_S, io_seconds
+def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:
+    """0.6x-1.6x the point estimate measured in bench/ (pipeline/dry_run.py), plus reading and writing the shards."""
+    from solar_quant.pipeline.dry_run import gptq_compute_s, io_seconds
 
     io = io_seconds(source_bytes)
-    params = linear_params(shape) * shape.layers
-    rate = GPU_TOKEN_PARAM_PER_S if device.startswith("cuda") else CPU_TOKEN_PARAM_PER_S
-    compute = 6 * nsamples * seqlen * params / rate
-    return 0.5 * compute + io, 1.5 * compute + 2 * io
+    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=getattr(options, "mse", 0) > 0)
+    return 0.6 * compute + io, 1.6 * compute + 2 * io
 
 
 register_method(MethodEntry(
     name="gptq", options=GptqOptions, format="gptq", summary="GPTQ with calibration data (Hessian error feedback)",
     build=build, variant=variant, describe=lambda o: describe_grid(o, "GPTQ"),
     cli_options=lambda flags: cli_options("gptq", flags), host_memory=host_memory, time_range=time_range,
-    needs_calibration=True, streams="decoder layer"))
+    needs_calibration=True, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit")))

@@ -19,7 +19,7 @@ def host_memory(shape, nsamples: int, seqlen: int) -> int:
     return linear_params(shape) * FP32 + 2 * largest_tensor_bytes(shape)
 
 
-def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int) -> tuple[float, float]:
+def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:
     from solar_quant.pipeline.dry_run import io_seconds
 
     io = io_seconds(source_bytes)
@@ -30,4 +30,4 @@ register_method(MethodEntry(
     name="rtn", options=GptqOptions, format="gptq", summary="round-to-nearest on the GPTQ grid, no calibration",
     build=build, variant=gptq.variant, describe=lambda o: gptq.describe_grid(o, "round-to-nearest (RTN), GPTQ v1 layout,"),
     cli_options=lambda flags: gptq.cli_options("rtn", flags), host_memory=host_memory, time_range=time_range,
-    needs_calibration=False, streams="decoder layer"))
+    needs_calibration=False, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit", "rtn")))
