@@ -165,3 +165,16 @@ def _model_in(annotation) -> type[BaseModel] | None:
         return annotation
     found = {m for arg in typing.get_args(annotation) if (m := _model_in(arg)) is not None}
     return found.pop() if len(found) == 1 else None
+
+
+def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
+    """The 16-bit checkpoint a recipe runs on: `--model`, else `model.path`, else the embedded demo model."""
+    if override:
+        return Path(override)
+    if recipe.model.path:
+        return Path(recipe.model.path).expanduser()
+    if recipe.model.demo:
+        from solar_quant.models.demo import demo_model_path
+
+        return demo_model_path()
+    return None

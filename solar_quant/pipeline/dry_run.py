@@ -27,7 +27,7 @@ DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
 
 def _shape(recipe: Recipe, model: str | None) -> tuple[LlamaShape, str]:
-    from solar_quant.pipeline.run import resolve_model
+    from solar_quant.recipe import resolve_model
 
     path = resolve_model(recipe, model)
     if path is not None and Path(path).exists():

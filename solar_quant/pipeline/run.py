@@ -21,7 +21,7 @@ from solar_quant.checkpoint.writer import atomic_write_bytes
 from solar_quant.errors import GateError, OutputError, VerificationError
 from solar_quant.options import OutputOptions, parse_size
 from solar_quant.progress import log as default_log
-from solar_quant.recipe import Recipe, VariantSection, load_recipe
+from solar_quant.recipe import Recipe, VariantSection, load_recipe, resolve_model
 
 
 @dataclass
@@ -32,18 +32,6 @@ class RunResult:
     report: dict | None = None
     gate_failure: str | None = None
     rope_reports: dict[str, dict] = field(default_factory=dict)  # eval.also_rope_scaling -> its report
-
-
-def resolve_model(recipe: Recipe, override: str | None) -> Path | None:
-    if override:
-        return Path(override)
-    if recipe.model.path:
-        return Path(recipe.model.path).expanduser()
-    if recipe.model.demo:
-        from solar_quant.models.demo import demo_model_path
-
-        return demo_model_path()
-    return None
 
 
 def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = None, resume: bool = False,
