@@ -7,11 +7,15 @@ third-party chatter is held back (`solar_quant.console`).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 
 from solar_quant import console
+from solar_quant.errors import OptionError
 
 PLAIN_INTERVAL_S = 15.0  # at most one plain progress line per bar this often (plus the last)
+INTERVAL_ENV = "SOLAR_QUANT_PROGRESS_INTERVAL"  # seconds between plain lines; 0: every update
 
 _live: list = []  # the tqdm bars on screen, so log lines print above them
 
@@ -53,7 +57,8 @@ class Progress:
         self.total, self.label, self.done = total, label, done
         self.start_done = done
         self.start = time.monotonic()
-        self.min_interval = PLAIN_INTERVAL_S if min_interval is None else max(min_interval, PLAIN_INTERVAL_S)
+        floor = plain_interval()
+        self.min_interval = floor if min_interval is None else max(min_interval, floor)
         self._last: float | None = None
         self._bar = None
         if not console.quiet() and _tty():
@@ -89,3 +94,18 @@ class Progress:
             if self._bar in _live:
                 _live.remove(self._bar)
             self._bar = None
+
+
+def plain_interval() -> float:
+    """Seconds between plain progress lines: $SOLAR_QUANT_PROGRESS_INTERVAL (0: a line per update, as a
+    log that records every step wants), else PLAIN_INTERVAL_S."""
+    raw = os.environ.get(INTERVAL_ENV)
+    if raw is None or not raw.strip():
+        return PLAIN_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise OptionError(f"{INTERVAL_ENV}={raw!r}: expected a number of seconds >= 0 (0: a line per update)")
+    return value

@@ -23,7 +23,8 @@ from conftest import ROOT, tree_digest
 from gptq_helpers import random_calibration
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-ENV = {"HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(ROOT)}
+# A progress line per update, so the signal can be timed by counting lines (plain lines are sparse by default).
+ENV = {"HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(ROOT), "SOLAR_QUANT_PROGRESS_INTERVAL": "0"}
 
 
 def _default_sigint() -> None:  # a child inherits an ignored SIGINT from a backgrounded test run

@@ -154,6 +154,7 @@ def test_plain_progress_is_sparse(monkeypatch):
     monkeypatch.setattr(progress.time, "monotonic", clock)
     monkeypatch.setattr(console, "stderr", lambda: stream)
     monkeypatch.setattr(console, "quiet", lambda: False)
+    monkeypatch.delenv(progress.INTERVAL_ENV, raising=False)
     bar = progress.Progress(1000, "linear")
     for _ in range(1000):
         clock.now += 0.1  # 100 s in all
@@ -163,6 +164,27 @@ def test_plain_progress_is_sparse(monkeypatch):
     assert lines[0].startswith("linear 1/1000") and lines[-1].startswith("linear 1000/1000")
     assert len(lines) <= 2 + 100 / progress.PLAIN_INTERVAL_S
     assert all("ETA" in line for line in lines)
+
+
+def test_progress_interval_env_sets_the_plain_line_spacing(monkeypatch):
+    from solar_quant import console, progress
+    from solar_quant.errors import OptionError
+
+    clock, stream = _Clock(), io.StringIO()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    monkeypatch.setattr(console, "stderr", lambda: stream)
+    monkeypatch.setattr(console, "quiet", lambda: False)
+    monkeypatch.setattr(progress, "_tty", lambda: False)
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    bar = progress.Progress(50, "tensor")
+    for _ in range(50):
+        clock.now += 0.1
+        bar.step("x")
+    assert len(stream.getvalue().splitlines()) == 50  # a line per update
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(progress.INTERVAL_ENV, bad)
+        with pytest.raises(OptionError, match=progress.INTERVAL_ENV):
+            progress.Progress(5, "tensor")
 
 
 def test_terminal_progress_is_a_live_bar(monkeypatch):
