@@ -144,18 +144,18 @@ _loaded = False
 
 
 def register_format(entry: FormatEntry, *, replace: bool = False) -> FormatEntry:
-    if entry.name in _FORMATS and not replace:
-        raise ValueError(f"format {entry.name!r} is already registered")
-    _FORMATS[entry.name] = entry
-    _ORIGIN["format", entry.name] = sys._getframe(1).f_globals.get("__name__", "")
-    return entry
+    return _register(_FORMATS, "format", entry, replace)
 
 
 def register_method(entry: MethodEntry, *, replace: bool = False) -> MethodEntry:
-    if entry.name in _METHODS and not replace:
-        raise ValueError(f"method {entry.name!r} is already registered")
-    _METHODS[entry.name] = entry
-    _ORIGIN["method", entry.name] = sys._getframe(1).f_globals.get("__name__", "")
+    return _register(_METHODS, "method", entry, replace)
+
+
+def _register(table: dict, kind: str, entry, replace: bool):
+    if entry.name in table and not replace:
+        raise ValueError(f"{kind} {entry.name!r} is already registered")
+    table[entry.name] = entry
+    _ORIGIN[kind, entry.name] = sys._getframe(2).f_globals.get("__name__", "")  # the module calling register_*
     return entry
 
 
