@@ -2,9 +2,9 @@
 GPTQ v1 folder, resumable after a kill.
 
 For each layer: load its tensors into transformers' `LlamaDecoderLayer`, quantize it with
-`layer_quant.quantize_layer` (per true-sequential group: Hessians of its inputs over the
-calibration activations, one solve, the dequantized weights written back), run the quantized
-layer to get the next layer's inputs, write its packed tensors, and free it. A resume point
+`layer_quant.quantize_layer` (one staged pass: per true-sequential group, its inputs computed
+once, their Hessian, one solve, the dequantized weights written back; the last stage gives the
+next layer's inputs), write its packed tensors, and free it. A resume point
 (job + hidden states, `job.py`) is saved once `--checkpoint-every` seconds have passed since the last.
 Memory holds one layer, two copies of the calibration activations and one Hessian at a time.
 
@@ -113,10 +113,11 @@ def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential)
 
 
-def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions | LayerQuantConfig, bar, log) -> tuple[dict, dict]:
+def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions | LayerQuantConfig, bar, log,
+                   out: torch.Tensor | None = None) -> tuple[dict, dict]:
     """`layer_quant.quantize_layer`, also taking the method's options."""
     cfg = gptq if isinstance(gptq, LayerQuantConfig) else layer_config(gptq)
-    return _quantize_layer(i, layer, runner, hidden, cfg, bar, log)
+    return _quantize_layer(i, layer, runner, hidden, cfg, bar, log, out=out)
 
 
 def partial_group_warnings(shape, gptq: GptqOptions) -> list[dict]:
@@ -196,9 +197,8 @@ def _run(run: _Run) -> None:
     saved_at = time.monotonic()  # a resume point is saved when --checkpoint-every seconds have passed
     for i in range(job.layers_done, shape.layers):
         layer = _load_layer(reader, config, i, run.dev, dtype)
-        quantized, record = _quantize_layer(i, layer, runner, hidden, run.cfg, linear_bar, run.log)
-        if runner is not None:
-            runner.forward(layer, hidden, out=spare)
+        quantized, record = _quantize_layer(i, layer, runner, hidden, run.cfg, linear_bar, run.log, out=spare)
+        if runner is not None:  # the layer's outputs, in `spare`, are the next layer's inputs
             hidden, spare = spare, hidden
         _write_layer(writer, reader, i, quantized)
         del layer, quantized
