@@ -64,7 +64,7 @@ from solar_quant.pipeline.layers import LayerRunner  # noqa: E402
 
 # the layer quantizer's phase names -> the keys of this benchmark's JSON
 PHASES = {"hessian": "hessian", "solve": "gptq_solve", "record": "record", "write_back": "write_back",
-          "pack": "pack_on_device", "to_host": "to_host"}
+          "pack": "pack_on_device", "to_host": "to_host", "forward": "forward"}
 
 # -- timing helpers --------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
@@ -125,9 +125,7 @@ def quantize_one_layer(layer, runner, hidden, spare, cfg: LayerQuantConfig, accu
     """The pipeline's `quantize_layer` with each phase timed, then the quantized layer's forward."""
     clock = Clock(device)
     packed, record = quantize_layer(0, layer, runner, hidden, cfg, NoBar(), lambda m: print(m, file=sys.stderr),
-                                    clock=lambda phase: clock(PHASES[phase]), accumulate=accumulate)
-    with clock("forward"):
-        runner.forward(layer, hidden, out=spare)
+                                    clock=lambda phase: clock(PHASES[phase]), accumulate=accumulate, out=spare)
     errors = {name: lin["rel_output_error"] for name, lin in record["linears"].items()}
     packed_bytes = sum(t.numel() * t.element_size() for p in packed.values() for t in p.values())
     return {"seconds": {k: round(v, 3) for k, v in clock.seconds.items()},

@@ -91,7 +91,8 @@ def quantize_host_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: i
 
 # -- GPTQ layer placement -------------------------------------------------------------------------
 def layer_working_bytes(shape: LlamaShape, value_bytes: int) -> int:
-    """A bound on one layer's GPU memory while it is quantized: its weights at `value_bytes`, the
+    """A bound on one layer's GPU memory while it is quantized: its weights and the next layer's
+    (read meanwhile) at `value_bytes`, the
     largest stacked solve (weight, its updated copy and dequantized values, fp32, plus
     transients) and the largest Hessian with its damped copy and inverse factor (fp32)."""
     linears = shape.linear_shapes()
@@ -101,7 +102,7 @@ def layer_working_bytes(shape: LlamaShape, value_bytes: int) -> int:
 
     stacked = max(sum(linears[full(n)][0] for n in g) * linears[full(g[0])][1] for g in SEQUENTIAL_GROUPS)
     largest_k = max(k for _, k in linears.values())
-    return linear_params(shape) * value_bytes + 4 * FP32 * stacked + 3 * FP32 * largest_k**2
+    return 2 * linear_params(shape) * value_bytes + 4 * FP32 * stacked + 3 * FP32 * largest_k**2
 
 
 def calibration_activation_bytes(nsamples: int, seqlen: int, hidden: int, value_bytes: int) -> int:

@@ -121,6 +121,37 @@ def test_true_sequential_groups_see_the_quantized_earlier_groups(tiny_llama, tin
         torch.testing.assert_close(H, before[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("opts", [{}, {"act_order": True, "mse": 2.4, "group_size": 32},
+                                  {"true_sequential": False}], ids=["g128", "act-order-mse", "not-sequential"])
+def test_one_staged_pass_gives_the_codes_and_outputs_of_the_multi_pass_reference(tiny_llama, tiny_calib, opts):
+    """The staged pass (each stage's inputs computed once) against the former path (each group
+    re-runs the layer up to its inputs, then the quantized layer runs again): identical packed
+    tensors, records and next-layer inputs, over two layers, with chunks that split the samples."""
+    from solar_quant.options import GptqOptions
+    from solar_quant.pipeline.gptq import layer_config
+    from solar_quant.pipeline.layer_quant import _quantize_layer_reference, quantize_layer
+    from solar_quant.pipeline.layers import embed_tokens, load_decoder_layer
+    from solar_quant.progress import Progress
+
+    reader, runner = _runner(tiny_llama, chunk=4)
+    cfg = layer_config(GptqOptions(**opts))
+    ours = ref = embed_tokens(reader, tiny_calib.input_ids)
+    for i in range(2):
+        results = []
+        for fn, hidden in ((quantize_layer, ours), (_quantize_layer_reference, ref)):
+            layer = load_decoder_layer(reader, runner.config, i, torch.device("cpu"))
+            out = torch.empty_like(hidden)
+            packed, record = fn(i, layer, runner, hidden, cfg, Progress(7, "t"), lambda m: None, out=out)
+            results.append((packed, record, out))
+        (p1, r1, ours), (p2, r2, ref) = results
+        assert sorted(p1) == sorted(p2) and len(p1) == 7
+        for name in p1:
+            for key in p1[name]:
+                assert torch.equal(p1[name][key], p2[name][key]), (i, name, key)
+        assert r1 == r2
+        assert torch.equal(ours, ref), i
+
+
 def _build(src, out, calib, **opts):
     from solar_quant.options import GptqOptions, OutputOptions
     from solar_quant.pipeline.gptq import build_gptq_variant

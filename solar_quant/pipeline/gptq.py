@@ -2,11 +2,13 @@
 GPTQ v1 folder, resumable after a kill.
 
 For each layer: load its tensors into transformers' `LlamaDecoderLayer`, quantize it with
-`layer_quant.quantize_layer` (per true-sequential group: Hessians of its inputs over the
-calibration activations, one solve, the dequantized weights written back), run the quantized
-layer to get the next layer's inputs, write its packed tensors, and free it. A resume point
+`layer_quant.quantize_layer` (one staged pass: per true-sequential group, its inputs computed
+once, their Hessian, one solve, the dequantized weights written back; the last stage gives the
+next layer's inputs), write its packed tensors, and free it. A resume point
 (job + hidden states, `job.py`) is saved once `--checkpoint-every` seconds have passed since the last.
-Memory holds one layer, two copies of the calibration activations and one Hessian at a time.
+Layer i + 1's tensors are read in a background thread (`_LayerPrefetch`) while layer i is
+quantized. Memory holds two layers (that one and the next), two copies of the calibration
+activations and one Hessian at a time.
 
 The pieces: `preflight` (checks before work, shared with bnb), `layer_quant` (one layer; torch
 and transformers only), `placement` (where the activations live), `job` (resume), `records`
@@ -117,10 +119,11 @@ def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential)
 
 
-def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions | LayerQuantConfig, bar, log) -> tuple[dict, dict]:
+def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions | LayerQuantConfig, bar, log,
+                   out: torch.Tensor | None = None) -> tuple[dict, dict]:
     """`layer_quant.quantize_layer`, also taking the method's options."""
     cfg = gptq if isinstance(gptq, LayerQuantConfig) else layer_config(gptq)
-    return _quantize_layer(i, layer, runner, hidden, cfg, bar, log)
+    return _quantize_layer(i, layer, runner, hidden, cfg, bar, log, out=out)
 
 
 def partial_group_warnings(shape, gptq: GptqOptions) -> list[dict]:
@@ -197,33 +200,12 @@ def _run(run: _Run) -> None:
     layer_bar = progress.Progress(shape.layers, "layer", done=job.layers_done)
     linear_bar = progress.Progress(shape.layers * 7, "linear", done=job.layers_done * 7)
     spare = torch.empty_like(hidden) if hidden is not None else None
-    hook = run.on_layer or (lambda i, stage: None)
-    saved_at = time.monotonic()  # a resume point is saved when --checkpoint-every seconds have passed
-    for i in range(job.layers_done, shape.layers):
-        layer = _load_layer(reader, config, i, run.dev, dtype)
-        equalized = None
-        if run.equalize:
-            equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
-            save_scales(run.staged.staging, i, scales)
-        hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
-        quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log)
-        if equalized is not None:
-            record["equalization"] = equalized
-        if runner is not None:
-            runner.forward(layer, hidden, out=spare)
-            hidden, spare = spare, hidden
-        _write_layer(writer, reader, i, quantized, layer if run.equalize else None)
-        del layer, quantized
-        reader.release()  # close the memory maps so pages of finished layers stop counting as ours
-        job.records.append(record)
-        hook(i, "written")
-        last = i + 1 == shape.layers
-        if last or time.monotonic() - saved_at >= output.checkpoint_every:
-            save_progress(job, writer, None if last else hidden, i + 1)
-            saved_at = time.monotonic()
-        hook(i, "saved")
-        layer_bar.step(f"done: model.layers.{i}")
-    del hidden, spare
+    prefetch = _LayerPrefetch(reader.path, config, run.dev, dtype)
+    try:
+        _layers(run, reader, writer, job, runner, hidden, spare, prefetch, layer_bar, linear_bar)
+    finally:
+        prefetch.close()
+    hidden = spare = None
 
     writer.add("model.norm.weight", _finite(reader, "model.norm.weight").to(torch.float16))
     if not shape.tie_word_embeddings:
@@ -241,10 +223,83 @@ def _run(run: _Run) -> None:
     staged.write_json(RECORD_NAME, record)
 
 
+def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch, layer_bar, linear_bar) -> None:
+    """The decoder layers from the job's next one: quantize, write, resume point. Layer i + 1's
+    tensors are read in the background while layer i is quantized."""
+    shape, output = run.source.shape, run.output
+    hook = run.on_layer or (lambda i, stage: None)
+    saved_at = time.monotonic()  # a resume point is saved when --checkpoint-every seconds have passed
+    prefetch.start(job.layers_done)
+    for i in range(job.layers_done, shape.layers):
+        layer = prefetch.take(i)
+        if i + 1 < shape.layers:
+            prefetch.start(i + 1)
+        equalized = None
+        if run.equalize:  # fold the scales first (pipeline/equalize.py); the layer's function is unchanged
+            equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
+            save_scales(run.staged.staging, i, scales)
+        hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
+        quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log, out=spare)
+        if equalized is not None:
+            record["equalization"] = equalized
+        if runner is not None and hessian_runner is None:
+            runner.forward(layer, hidden, out=spare)
+        if runner is not None:  # the layer's outputs, in `spare`, are the next layer's inputs
+            hidden, spare = spare, hidden
+        _write_layer(writer, reader, i, quantized, layer if run.equalize else None)
+        del layer, quantized
+        reader.release()  # close the memory maps so pages of finished layers stop counting as ours
+        job.records.append(record)
+        hook(i, "written")
+        last = i + 1 == shape.layers
+        if last or time.monotonic() - saved_at >= output.checkpoint_every:
+            save_progress(job, writer, None if last else hidden, i + 1)
+            saved_at = time.monotonic()
+        hook(i, "saved")
+        layer_bar.step(f"done: model.layers.{i}")
+
+
 def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
     tensor = reader.get(name)
     reader.require_finite(name, tensor)
     return tensor
+
+
+class _LayerPrefetch:
+    """Reads the next decoder layer's tensors in one background thread while the current layer
+    is quantized. It has its own `CheckpointReader` (its own shard handles, released after each
+    layer), so the driver's reader and its `release()` are untouched; a read error (a corrupt
+    shard, NaN weights) is raised where the layer is taken, as a plain read would raise it.
+    Memory: two layers' weights at a time instead of one."""
+
+    def __init__(self, path, config, dev: torch.device, dtype: torch.dtype):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._reader = CheckpointReader(path)
+        self._args = (config, dev, dtype)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        self._pending: dict[int, object] = {}
+
+    def start(self, i: int) -> None:
+        self._pending[i] = self._pool.submit(self._read, i)
+
+    def take(self, i: int):
+        if i not in self._pending:
+            self.start(i)
+        return self._pending.pop(i).result()
+
+    def _read(self, i: int):
+        try:
+            config, dev, dtype = self._args
+            return _load_layer(self._reader, config, i, dev, dtype)
+        finally:
+            self._reader.release()
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
 
 
 def _load_layer(reader, config, i, dev, dtype):

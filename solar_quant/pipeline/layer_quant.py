@@ -1,6 +1,8 @@
-"""Quantize one decoder layer: Hessians of each linear group's inputs over the calibration
-activations, one GPTQ (or RTN) solve per group, the dequantized weights written back so later
-groups see the quantized earlier ones, and each linear packed to GPTQ v1 where it was computed.
+"""Quantize one decoder layer in one pass: the layer's forward in four stages, one per linear
+group; each stage's inputs folded into the group's Hessian, one GPTQ (or RTN) solve per group,
+the dequantized weights written back before the next stage reads them (so later groups see the
+quantized earlier ones), each linear packed to GPTQ v1 where it was computed, and the quantized
+layer's output (the next layer's input) from the last stage.
 
 Imports only torch, transformers (through `pipeline.layers`) and the pure modules
 (`methods/`, `formats/gptq_v1`, `architecture`): no pydantic, no options. It takes a plain
@@ -11,7 +13,8 @@ that has nothing else installed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +25,9 @@ from solar_quant.formats.gptq_v1 import pack
 from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize_shared
 from solar_quant.methods.grid import QuantSpec
 from solar_quant.methods.rtn import rtn_quantize
-from solar_quant.pipeline.layers import capture_inputs
+from solar_quant.pipeline.layers import StagedForward, capture_inputs
 
-__all__ = ["LayerQuantConfig", "quantize_layer", "collect_hessians", "linear_modules", "linear_record", "full_name"]
+__all__ = ["LayerQuantConfig", "quantize_layer", "stage_hessian", "collect_hessians", "linear_modules", "linear_record", "full_name"]
 
 
 @dataclass(frozen=True)
@@ -67,43 +70,96 @@ def linear_modules(layer) -> dict[str, torch.nn.Module]:
 
 def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, log,
                    clock: Callable[[str], contextlib.AbstractContextManager] = _no_clock,
-                   accumulate: Callable = accumulate_hessian) -> tuple[dict, dict]:
-    """Quantize the seven linears of `layer` in place (weights become their dequantized values).
+                   accumulate: Callable = accumulate_hessian, out: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Quantize the seven linears of `layer` in place (weights become their dequantized values)
+    and, with calibration, write the quantized layer's outputs for `hidden` into `out` (the next
+    layer's inputs; allocated like `hidden` when not given).
 
-    Linears that read the same inputs (q/k/v; gate/up) share one Hessian and are solved in one
-    pass (`gptq_quantize_shared`). Returns ({linear: its packed GPTQ v1 tensors on the CPU},
-    the layer's record for solar_quant.json). `runner` None: no calibration (RTN). `clock(phase)`
-    wraps each phase ("hessian", "solve", "record", "write_back", "pack", "to_host") for timing;
-    `accumulate` folds inputs into a Hessian (the benchmark compares an fp32 one)."""
-    spec = cfg.spec
-    modules = linear_modules(layer)
-    passes = [[g] for g in SEQUENTIAL_GROUPS] if cfg.true_sequential else [list(SEQUENTIAL_GROUPS)]
+    One pass over the layer (`layers.StagedForward`): each true-sequential group's inputs are
+    computed once, from the already-quantized groups before it, folded into its Hessian
+    (`stage_hessian`) and the group is quantized before the next stage reads them. Linears that
+    read the same inputs (q/k/v; gate/up) share one Hessian and are solved in one pass
+    (`gptq_quantize_shared`). `cfg.true_sequential` False: every Hessian from the unquantized
+    layer (one feed), then one forward of the quantized layer.
+
+    Returns ({linear: its packed GPTQ v1 tensors on the CPU}, the layer's record for
+    solar_quant.json). `runner` None: no calibration (RTN), nothing is run. `clock(phase)` wraps
+    each phase ("hessian": the stage's forward and its Hessian, "solve", "record", "write_back",
+    "pack", "to_host", "forward": the quantized layer's output) for timing; `accumulate` folds
+    inputs into a Hessian (the benchmark compares an fp32 one)."""
     quantized, record = {}, {"layer": i, "linears": {}}
+    solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record)
+    if runner is None:
+        for group in SEQUENTIAL_GROUPS:
+            solve(group, None)
+        return quantized, record
+    out = torch.empty_like(hidden) if out is None else out
+    if not cfg.true_sequential:
+        with clock("hessian"):
+            hessians = collect_hessians(layer, runner, hidden, [full_name(g[0]) for g in SEQUENTIAL_GROUPS], accumulate)
+        for group in SEQUENTIAL_GROUPS:
+            solve(group, hessians.pop(full_name(group[0])))
+        with clock("forward"):
+            runner.forward(layer, hidden, out=out)
+        return quantized, record
+    stages = StagedForward(runner, layer, hidden, out)
+    for group, inputs in zip(SEQUENTIAL_GROUPS, stages.group_inputs()):
+        with clock("hessian"):
+            H = stage_hessian(inputs(), accumulate)
+        solve(group, H)
+        del H
+    with clock("forward"):
+        stages.finish()
+    return quantized, record
+
+
+def stage_hessian(inputs: Iterable[torch.Tensor], accumulate: Callable = accumulate_hessian) -> torch.Tensor | None:
+    """The Hessian 2/n Σ x xᵀ of one stage's inputs (chunks [..., features]), in chunk order."""
+    H, count = None, 0
+    for X in inputs:
+        H, count = accumulate(H, count, X.reshape(-1, X.shape[-1]))
+    return H
+
+
+def _solve_group(i: int, layer, cfg: LayerQuantConfig, bar, log, clock, quantized: dict, record: dict,
+                 group: tuple[str, ...], H) -> None:
+    """Quantize one group's linears on Hessian `H` (None: RTN), write the dequantized weights
+    back, pack each linear where it was computed and fill `quantized` and `record`."""
+    names = [full_name(n) for n in group]
+    weights = [layer.get_submodule(name).weight for name in names]
+    label = ", ".join(layer_prefix(i) + n for n in names)
+    with clock("solve"):
+        qs = _quantize_group(label, weights, H, cfg.spec, cfg, log)
+    for name, weight, q in zip(names, weights, qs):
+        with clock("record"):
+            record["linears"][name] = linear_record(weight, q, H)
+        with clock("write_back"), torch.no_grad():
+            weight.copy_(q.dequant)
+        # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
+        with clock("pack"):
+            on_device = pack(q, cfg.bits)
+        with clock("to_host"):
+            quantized[name] = {k: t.cpu() for k, t in on_device.items()}
+        del on_device
+        bar.step(_linear_detail(layer_prefix(i) + name, record["linears"][name]))
+
+
+def _quantize_layer_reference(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, log,
+                              accumulate: Callable = accumulate_hessian, out: torch.Tensor | None = None):
+    """The former multi-pass layer quantizer, kept as the reference the staged pass is tested
+    against: per true-sequential group, every chunk re-runs the layer from its input up to the
+    group (`LayerRunner.feed(until=...)`), then the quantized layer runs once more for `out`."""
+    quantized, record = {}, {"layer": i, "linears": {}}
+    passes = [[g] for g in SEQUENTIAL_GROUPS] if cfg.true_sequential else [list(SEQUENTIAL_GROUPS)]
     for groups in passes:
         hessians = {}
         if runner is not None:
-            with clock("hessian"):
-                hessians = collect_hessians(layer, runner, hidden, [full_name(g[0]) for g in groups], accumulate)
+            hessians = collect_hessians(layer, runner, hidden, [full_name(g[0]) for g in groups], accumulate)
         for group in groups:
-            H = hessians.get(full_name(group[0]))
-            names = [full_name(n) for n in group]
-            weights = [modules[name].weight for name in names]
-            label = ", ".join(layer_prefix(i) + n for n in names)
-            with clock("solve"):
-                qs = _quantize_group(label, weights, H, spec, cfg, log)
-            for name, weight, q in zip(names, weights, qs):
-                with clock("record"):
-                    record["linears"][name] = linear_record(weight, q, H)
-                with clock("write_back"), torch.no_grad():
-                    weight.copy_(q.dequant)
-                # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
-                with clock("pack"):
-                    on_device = pack(q, cfg.bits)
-                with clock("to_host"):
-                    quantized[name] = {k: t.cpu() for k, t in on_device.items()}
-                del on_device
-                bar.step(_linear_detail(layer_prefix(i) + name, record["linears"][name]))
-            del H, qs
+            _solve_group(i, layer, cfg, bar, log, _no_clock, quantized, record, group,
+                         hessians.get(full_name(group[0])))
+    if runner is not None:
+        out = runner.forward(layer, hidden, out=out)
     return quantized, record
 
 

@@ -69,16 +69,21 @@ class LayerRunner:
         """(sample slice, chunk on the device, the layer's keyword arguments) for each chunk."""
         from transformers.masking_utils import create_causal_mask
 
-        n, seqlen = hidden.shape[:2]
+        seqlen = hidden.shape[1]
         position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)
-        for start in range(0, n, self.chunk):
-            rows = slice(start, min(start + self.chunk, n))
+        for rows in self.rows(hidden):
             h = hidden[rows].to(device=self.device, dtype=self.dtype)
             # (config, inputs_embeds, attention_mask, cache) positionally: the cache argument's name changed in 5.x
             mask = create_causal_mask(self.config, h, None, None, position_ids=position_ids)
             kwargs = {"attention_mask": mask, "position_ids": position_ids,
                       "position_embeddings": self.rotary(h, position_ids)}
             yield rows, h, kwargs
+
+    def rows(self, hidden: torch.Tensor) -> Iterator[slice]:
+        """The sample slices of `inputs`, without moving anything."""
+        n = hidden.shape[0]
+        for start in range(0, n, self.chunk):
+            yield slice(start, min(start + self.chunk, n))
 
     @torch.no_grad()
     def forward(self, layer, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,3 +127,100 @@ def capture_inputs(modules: dict[str, torch.nn.Module], on_input: Callable[[str,
             on_input(name, args[0].reshape(-1, args[0].shape[-1]))
         handles.append(module.register_forward_pre_hook(hook))
     return handles
+
+
+def _input_of(module: torch.nn.Module, call: Callable[[], object]) -> torch.Tensor:
+    """The input `module` receives when `call()` runs; the call stops there (nothing after it runs)."""
+    seen = []
+
+    def hook(mod, args):
+        seen.append(args[0])
+        raise _InputsSeen
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        call()
+    except _InputsSeen:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+class StagedForward:
+    """`LlamaDecoderLayer.forward` cut at the inputs of the four true-sequential groups, run once.
+
+    Each `*_inputs` method runs one stage over every chunk and yields that stage's group inputs
+    (which the caller folds into a Hessian); the caller quantizes the group before the next
+    stage reads it. The stages use transformers' own modules with the runner's mask and rotary
+    embeddings, in the decoder layer's order, so the values are those of `layer(h, ...)`:
+
+    1. `qkv_inputs`: input_layernorm(x);
+    2. `o_inputs`: LlamaAttention up to o_proj's input (quantized q/k/v), kept in `out`;
+    3. `gate_up_inputs`: h_mid = x + o_proj(attention), kept in `out`; yields post_attention_layernorm(h_mid);
+    4. `down_inputs`: act(gate(.)) * up(.) of the quantized gate/up;
+    5. `finish`: out = h_mid + down_proj(act(gate(.)) * up(.)), the next layer's input.
+
+    Stored between stages: only hidden-sized activations, in the `out` buffer the caller gives for
+    the layer's output (the attention output first, then h_mid, then the output; chunk by chunk
+    in place), so memory is what the two-pass pipeline held. The MLP's [n, L, intermediate]
+    product is not kept: `finish` recomputes gate/up once. Kept, it would be 3.5x the hidden
+    activations for a 70B (~30 GB fp32 at 128 x 2048 x 28672) and 2.7x for SmolLM2, more than
+    the whole calibration state the memory model (solar_quant/memory.py) budgets for; one extra
+    gate/up product costs ~2/3 of a stage's matmuls instead (docs/algorithms.md)."""
+
+    def __init__(self, runner: LayerRunner, layer, hidden: torch.Tensor, out: torch.Tensor):
+        self.runner, self.layer, self.hidden, self.out = runner, layer, hidden, out
+        width = layer.self_attn.o_proj.in_features
+        # the attention output (o_proj's input) shares `out` when it has the hidden size (Llama: always)
+        self.attn = out if width == hidden.shape[-1] else hidden.new_empty((*hidden.shape[:2], width))
+
+    def _load(self, buffer: torch.Tensor, rows: slice) -> torch.Tensor:
+        return buffer[rows].to(device=self.runner.device, dtype=self.runner.dtype)
+
+    def _store(self, buffer: torch.Tensor, rows: slice, value: torch.Tensor) -> None:
+        buffer[rows] = value.to(device=buffer.device, dtype=buffer.dtype)
+
+    @torch.no_grad()
+    def qkv_inputs(self) -> Iterator[torch.Tensor]:
+        for _, h, _ in self.runner.inputs(self.hidden):
+            yield self.layer.input_layernorm(h)
+
+    @torch.no_grad()
+    def o_inputs(self) -> Iterator[torch.Tensor]:
+        attn = self.layer.self_attn
+        for rows, h, kwargs in self.runner.inputs(self.hidden):
+            x = self.layer.input_layernorm(h)
+            a = _input_of(attn.o_proj, lambda: attn(hidden_states=x, **kwargs))
+            self._store(self.attn, rows, a)
+            yield a
+
+    @torch.no_grad()
+    def gate_up_inputs(self) -> Iterator[torch.Tensor]:
+        for rows in self.runner.rows(self.hidden):
+            h = self.hidden[rows].to(device=self.runner.device, dtype=self.runner.dtype)
+            h_mid = h + self.layer.self_attn.o_proj(self._load(self.attn, rows))
+            self._store(self.out, rows, h_mid)
+            yield self.layer.post_attention_layernorm(h_mid)
+
+    def _mlp_product(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        h_mid = self._load(self.out, rows)
+        mlp = self.layer.mlp
+        x = self.layer.post_attention_layernorm(h_mid)
+        return h_mid, _input_of(mlp.down_proj, lambda: mlp(x))
+
+    @torch.no_grad()
+    def down_inputs(self) -> Iterator[torch.Tensor]:
+        for rows in self.runner.rows(self.hidden):
+            yield self._mlp_product(rows)[1]
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        for rows in self.runner.rows(self.hidden):
+            h_mid, product = self._mlp_product(rows)
+            self._store(self.out, rows, h_mid + self.layer.mlp.down_proj(product))
+        return self.out
+
+    def group_inputs(self) -> tuple[Callable[[], Iterator[torch.Tensor]], ...]:
+        """One stage per group of `architecture.SEQUENTIAL_GROUPS`, in order."""
+        return (self.qkv_inputs, self.o_inputs, self.gate_up_inputs, self.down_inputs)

@@ -35,12 +35,13 @@ def describe_grid(o: dict, name: str) -> str:
 
 
 def host_memory(shape, nsamples: int, seqlen: int) -> int:
-    """One layer in fp32, the calibration activations entering and leaving it, two Hessians."""
+    """Two layers in fp32 (the one quantized and the next, read meanwhile), the calibration
+    activations entering and leaving it, two Hessians."""
     from solar_quant.memory import FP32, calibration_activation_bytes, largest_tensor_bytes, linear_params
 
     acts = calibration_activation_bytes(nsamples, seqlen, shape.hidden, FP32)  # layer inputs and outputs
     hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * FP32
-    return linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
+    return 2 * linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
 
 
 def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:

@@ -14,10 +14,11 @@ def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu",
 
 
 def host_memory(shape, nsamples: int, seqlen: int) -> int:
-    """One layer in fp32 and two copies of the largest tensor; no activations, no Hessians."""
+    """Two layers in fp32 (the one quantized and the next, read meanwhile) and two copies of the
+    largest tensor; no activations, no Hessians."""
     from solar_quant.memory import FP32, largest_tensor_bytes, linear_params
 
-    return linear_params(shape) * FP32 + 2 * largest_tensor_bytes(shape)
+    return 2 * linear_params(shape) * FP32 + 2 * largest_tensor_bytes(shape)
 
 
 def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:
