@@ -54,6 +54,7 @@ class GptqOptions(Frozen):
     mse: float = Field(0.0, ge=0)  # > 0: clipping search per group under |error|**mse (GPTQ uses 2.4)
     block_size: int = Field(128, gt=0)
     true_sequential: bool = True
+    equalize: bool = False  # activation-aware equalization before quantizing each layer (needs calibration)
 
     @field_validator("group_size")
     @classmethod

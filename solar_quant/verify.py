@@ -221,33 +221,57 @@ def compare_with_source(reader: CheckpointReader, source: Path, shape: LlamaShap
                 f"source {str(recorded)[:16]}…); pass the original 16-bit folder"]
     layers = sample_layers(shape.layers, samples)
     log(f"verify: de-quantizing layers {layers} and comparing with {source}")
+    equalized = "equalization" in record
     for i in layers:
+        fold = _equalization_fold(reader, src, shape, i) if equalized else None
+        if isinstance(fold, str):
+            findings.append(fold)
+            continue
         for local, (n_out, n_in) in shape.linear_shapes().items():
             module = f"model.layers.{i}.{local}"
             if layout.quantizes(module, shape.tie_word_embeddings):
-                findings += _compare_linear(reader, src, module, layout, record, i, local)
+                findings += _compare_linear(reader, src, module, layout, record, i, local, fold)
         for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            findings += _compare_exact(reader, src, f"model.layers.{i}.{norm}")
+            findings += _compare_exact(reader, src, f"model.layers.{i}.{norm}", fold)
     for name in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
         if name in reader.tensors:
             findings += _compare_exact(reader, src, name)
     return findings
 
 
-def _compare_exact(reader: CheckpointReader, src: CheckpointReader, name: str) -> list[str]:
+def _equalization_fold(reader: CheckpointReader, src: CheckpointReader, shape: LlamaShape, i: int):
+    """For an equalized variant: (name -> source tensor folded by the recorded scales), or a finding."""
+    from solar_quant.pipeline.equalize import folded_source_tensor, load_scales, scales_path
+
+    scales = load_scales(reader.path, i)
+    if scales is None:
+        return f"{scales_path(reader.path, i)}: missing; {reader.path / RECORD} records equalization for layer {i}"
+    kv_groups, head_dim = shape.heads // shape.kv_heads, shape.head_dim
+    prefix = f"model.layers.{i}."
+
+    def fold(name: str) -> torch.Tensor:
+        return folded_source_tensor(name, name[len(prefix):], src.get(name), scales, kv_groups, head_dim)
+
+    return fold
+
+
+def _compare_exact(reader: CheckpointReader, src: CheckpointReader, name: str, fold=None) -> list[str]:
+    """16-bit tensors equal the source's, or (equalized) the source's folded by the recorded scales."""
     ours = reader.get(name)
-    theirs = src.get(name).to(ours.dtype)
+    theirs = (fold(name) if fold is not None else src.get(name)).to(ours.dtype)
     if not torch.equal(ours, theirs):
-        return [f"{reader.path / reader.info(name).shard}: tensor '{name}' differs from the source's "
+        what = "the source's folded by the recorded equalization scales" if fold is not None else "the source's"
+        return [f"{reader.path / reader.info(name).shard}: tensor '{name}' differs from {what} "
                 f"({int((ours != theirs).sum())} of {ours.numel()} values)"]
     return []
 
 
-def _compare_linear(reader, src, module: str, layout: Layout, record: dict, layer: int, local: str) -> list[str]:
+def _compare_linear(reader, src, module: str, layout: Layout, record: dict, layer: int, local: str,
+                    fold=None) -> list[str]:
     compare = layout.entry.compare_linear
     if compare is None:
         return []
-    W = src.get(f"{module}.weight").to(torch.float32)
+    W = (fold(f"{module}.weight") if fold is not None else src.get(f"{module}.weight")).to(torch.float32)
     where = reader.path / reader.info(f"{module}.{next(iter(linear_tensor_specs(layout.variant, 1, 1)))}").shard
     return compare(reader, src, module, layout.variant, record, layer, local, W, where)
 

@@ -23,7 +23,7 @@ from solar_quant.methods.gptq import accumulate_hessian
 from solar_quant.pipeline.layers import capture_inputs
 
 __all__ = ["equalize_layer", "collect_statistics", "fold_layer", "scales_path", "save_scales", "load_scales",
-           "folded_source_tensor", "SCALES_DIR"]
+           "folded_source_tensor", "check_norms", "equalization_card", "SCALES_DIR"]
 
 SCALES_DIR = "equalization"
 
@@ -99,6 +99,32 @@ def _check_folded(layer, i: int) -> None:
         if bad.any():
             raise NumericsError(f"{layer_prefix(i)}{name}: equalization made {int(bad.sum())} values non-finite or "
                                 "beyond float16's range; rerun without --equalize")
+
+
+def equalization_card() -> dict:
+    """What solar_quant.json says about the scales (per layer α and hashes sit in each layer's record)."""
+    from solar_quant.methods.awq import ALPHA_GRID
+
+    return {"method": "activation-aware equalization (AWQ scales, s = mean|x|**alpha)",
+            "pairs": {p.name: {"prev": p.prev, "linears": list(p.linears), "gqa": p.gqa} for p in PAIRS},
+            "alpha_grid": ALPHA_GRID, "search": "round-to-nearest on the target grid, linear output error",
+            "scales": f"{SCALES_DIR}/layer-NNN.safetensors (float32, one tensor per pair)",
+            "fold": "prev / s (norm weight, or rows), linears' columns * s (v->o: repeated over query heads)"}
+
+
+def check_norms(reader, shape) -> None:
+    """Every layer must have its two norm weights, each its own [hidden] vector (the folds divide them)."""
+    from solar_quant.errors import InputError
+
+    for i in range(shape.layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            name = f"{layer_prefix(i)}{norm}.weight"
+            if name not in reader.tensors:
+                raise InputError(f"{reader.path}: tensor '{name}' is missing; --equalize folds scales into it: "
+                                 "pass a complete Llama checkpoint or drop --equalize")
+            if tuple(reader.info(name).shape) != (shape.hidden,):
+                raise InputError(f"{reader.path}: tensor '{name}' has shape {list(reader.info(name).shape)}, not "
+                                 f"[{shape.hidden}]; --equalize cannot fold into it: drop --equalize")
 
 
 def scales_path(folder: Path, i: int) -> Path:

@@ -39,6 +39,7 @@ from solar_quant.pipeline.job import (JOB_DIR, Job, has_saved_job, interrupted, 
                                       source_files)
 from solar_quant.pipeline.layer_quant import LayerQuantConfig, collect_hessians, linear_modules, linear_record
 from solar_quant.pipeline.layer_quant import quantize_layer as _quantize_layer
+from solar_quant.pipeline.equalize import check_norms, equalization_card, equalize_layer, save_scales
 from solar_quant.pipeline.placement import layer_working_bytes, place_activations
 from solar_quant.pipeline.preflight import Source, check_calibration, check_source
 from solar_quant.pipeline.records import PARTIAL_GROUP_REFUSERS
@@ -67,10 +68,13 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
     dev = resolve_device(device)
     source = check_source(src, out, rope_scaling=output.rope_scaling, overwrite=output.overwrite)
     reader, shape = source.reader, source.shape
-    if gptq.method == "gptq":
+    if gptq.method == "gptq" or gptq.equalize:
         if calib is None:
-            raise OptionError("--method gptq needs calibration data: pass --calibration DIR or calibration flags")
+            need = "--method gptq" if gptq.method == "gptq" else "--equalize"
+            raise OptionError(f"{need} needs calibration data: pass --calibration DIR or calibration flags")
         check_calibration(reader, calib, shape)
+        if gptq.equalize:
+            check_norms(reader, shape)
     else:
         calib = None
     cfg = layer_config(gptq)
@@ -90,7 +94,7 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
                               "--resume to continue") from None
         staged.abandon()
         raise
-    run = _Run(source, staged, job, cfg, calib, output, dev, options, warnings, log, hook)
+    run = _Run(source, staged, job, cfg, calib, output, dev, options, warnings, log, hook, gptq.equalize)
     # The CLI turns SIGTERM into KeyboardInterrupt (solar_quant.signals), so both land below.
     try:
         _run(run)
@@ -167,6 +171,7 @@ class _Run:
     warnings: list
     log: Callable[[str], None]
     on_layer: LayerHook | None
+    equalize: bool = False  # fold activation-aware scales into each layer first (pipeline/equalize.py)
 
 
 def _run(run: _Run) -> None:
@@ -212,8 +217,10 @@ def _run(run: _Run) -> None:
     staged.write_json("config.json", variant_config(reader.config, qcfg, run.source.rope))
     staged.write_json("quantize_config.json", qcfg)
     copy_side_files(reader, staged)
-    staged.write_json(RECORD_NAME, records.run_record(reader, run.cfg.method, run.options, calib, job.records,
-                                                      run.warnings))
+    record = records.run_record(reader, run.cfg.method, run.options, calib, job.records, run.warnings)
+    if run.equalize:
+        record["equalization"] = equalization_card()
+    staged.write_json(RECORD_NAME, record)
 
 
 def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch, layer_bar, linear_bar) -> None:
@@ -227,10 +234,19 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
         layer = prefetch.take(i)
         if i + 1 < shape.layers:
             prefetch.start(i + 1)
-        quantized, record = _quantize_layer(i, layer, runner, hidden, run.cfg, linear_bar, run.log, out=spare)
+        equalized = None
+        if run.equalize:  # fold the scales first (pipeline/equalize.py); the layer's function is unchanged
+            equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
+            save_scales(run.staged.staging, i, scales)
+        hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
+        quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log, out=spare)
+        if equalized is not None:
+            record["equalization"] = equalized
+        if runner is not None and hessian_runner is None:
+            runner.forward(layer, hidden, out=spare)
         if runner is not None:  # the layer's outputs, in `spare`, are the next layer's inputs
             hidden, spare = spare, hidden
-        _write_layer(writer, reader, i, quantized)
+        _write_layer(writer, reader, i, quantized, layer if run.equalize else None)
         del layer, quantized
         reader.release()  # close the memory maps so pages of finished layers stop counting as ours
         job.records.append(record)
@@ -295,11 +311,17 @@ def _load_layer(reader, config, i, dev, dtype):
     return layer
 
 
-def _write_layer(writer: ShardedWriter, reader: CheckpointReader, i: int, quantized: dict) -> None:
+def _write_layer(writer: ShardedWriter, reader: CheckpointReader, i: int, quantized: dict, equalized=None) -> None:
+    """The layer's tensors; the norms are the source's, or the equalized layer's folded ones."""
     prefix = layer_prefix(i)
-    writer.add(prefix + "input_layernorm.weight", reader.get(prefix + "input_layernorm.weight").to(torch.float16))
+
+    def norm(name):
+        if equalized is not None:
+            return equalized.get_submodule(name).weight.detach().to("cpu", torch.float16)
+        return reader.get(prefix + name + ".weight").to(torch.float16)
+
+    writer.add(prefix + "input_layernorm.weight", norm("input_layernorm"))
     for name in quantized:
         for key, tensor in sorted(quantized[name].items()):
             writer.add(f"{prefix}{name}.{key}", tensor)
-    writer.add(prefix + "post_attention_layernorm.weight",
-               reader.get(prefix + "post_attention_layernorm.weight").to(torch.float16))
+    writer.add(prefix + "post_attention_layernorm.weight", norm("post_attention_layernorm"))

@@ -41,6 +41,7 @@ def quantize(
     damp: Annotated[float, typer.Option("--damp", help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
     mse: Annotated[float, typer.Option("--mse", help="gptq/rtn: search each group's clipped range under |error|**NORM (2.4 as in GPTQ); 0: min/max range.")] = 0.0,
     block_size: Annotated[int, typer.Option("--block-size", help="gptq: columns per lazy-update block.")] = 128,
+    equalize: Annotated[bool, typer.Option("--equalize", help="gptq/rtn: activation-aware equalization (AWQ scales folded into the 16-bit norms and linears) before quantizing; needs calibration.")] = False,
     calibration: o.CalibrationArtifact = None,
     source: o.CalibSource = None,
     fmt: o.CalibFormat = None,
@@ -76,14 +77,14 @@ def quantize(
     entry = registry.method(method)
     flags = dict(double_quant=double_quant, compute_dtype=compute_dtype, skip_modules=skip_modules, bits=bits,
                  group_size=group_size, act_order=act_order, static_groups=static_groups, sym=sym, damp=damp, mse=mse,
-                 block_size=block_size)
+                 block_size=block_size, equalize=equalize)
     options = build(entry.options, **entry.cli_options(flags))
     if entry.uses_device:
         _preflight(src, out, output, device)  # before any calibration set is built
     elif device != "cpu":
         raise OptionError(f"--device {device}: method {method} does not run on a device; drop --device")
     calib = None
-    if entry.needs_calibration:
+    if entry.needs_calibration or getattr(options, "equalize", False):
         from solar_quant.calibration.build import calibration_from_cli
 
         calib = calibration_from_cli(src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen,

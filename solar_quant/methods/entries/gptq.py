@@ -5,7 +5,7 @@ from __future__ import annotations
 from solar_quant.options import GptqOptions
 from solar_quant.registry import MethodEntry, Variant, register_method
 
-GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "block_size")
+GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "block_size", "equalize")
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):
@@ -29,6 +29,7 @@ def describe_grid(o: dict, name: str) -> str:
     g = o.get("group_size")
     grouping = "no grouping" if g == -1 else f"group size {g}"
     clip = f"clipping search (norm {o['mse']}), " if o.get("mse") else ""
+    clip += "activation-aware equalization, " if o.get("equalize") else ""
     return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
             f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
 

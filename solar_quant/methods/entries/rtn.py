@@ -9,7 +9,8 @@ from solar_quant.registry import MethodEntry, register_method
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):
-    return gptq.build(src, out, options, None, output, device=device, resume=resume, log=log)
+    # --equalize measures activations: then the calibration set is used (for the scales only)
+    return gptq.build(src, out, options, calib if options.equalize else None, output, device=device, resume=resume, log=log)
 
 
 def host_memory(shape, nsamples: int, seqlen: int) -> int:
