@@ -17,11 +17,12 @@ from solar_quant.recipe import Recipe, load_recipe
 # feeds the next layer) + the solves. Forwards, in token x (layer parameters + 2 x seqlen x hidden,
 # the attention term) per second, all layers; the solves in seconds per quantized parameter. Measured:
 # CPU: SmolLM2-135M layer 0, 32 x 512 tokens, 4-bit g128 act-order + clipping, CPU time of each
-#   stage (bench/README.md): forwards 10.6 s of CPU on 2 threads -> 1.28e10 on an idle 2-core
-#   machine; solve 2.8 s with the clipping search, 0.9-1.1 s without (one thread).
-# GPU: one 70B layer, 128 x 2048 tokens, 4-bit g128 act-order, 29.5 s on one H200, solves included.
-CPU_TOKEN_PARAM_PER_S = 1.28e10
-CPU_SOLVE_S_PER_PARAM = {"clip": 7.9e-7, "plain": 2.9e-7}
+#   stage (bench/README.md) gave forwards 1.28e10 and solves 7.9e-7 (clip) / 2.9e-7 s per parameter;
+#   a whole `make demo` GPTQ step on a quiet 2-core machine (32 x 256, 4-bit g64 act-order, mse 2.4,
+#   bench/README.md "make demo") then took 265 s where that predicted 157 s, so both rates are
+#   scaled by 157/265: the point estimate matches the whole-run measurement, not one layer's stages.
+CPU_TOKEN_PARAM_PER_S = 7.6e9
+CPU_SOLVE_S_PER_PARAM = {"clip": 1.33e-6, "plain": 4.9e-7}
 GPU_TOKEN_PARAM_PER_S = 7.9e12
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
