@@ -241,7 +241,7 @@ def compare_with_source(reader: CheckpointReader, source: Path, shape: LlamaShap
 
 def _equalization_fold(reader: CheckpointReader, src: CheckpointReader, shape: LlamaShape, i: int):
     """For an equalized variant: (name -> source tensor folded by the recorded scales), or a finding."""
-    from solar_quant.pipeline.equalize import folded_source_tensor, load_scales, scales_path
+    from solar_quant.formats.equalization import folded_source_tensor, load_scales, scales_path
 
     scales = load_scales(reader.path, i)
     if scales is None:

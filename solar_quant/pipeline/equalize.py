@@ -12,12 +12,13 @@ recomputes the folded 16-bit tensors from the source and them.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 
 from solar_quant.architecture import layer_prefix
 from solar_quant.errors import NumericsError
+from solar_quant.formats.equalization import (SCALES_DIR, folded_source_tensor, load_scales,  # noqa: F401
+                                           save_scales, scales_path)
 from solar_quant.methods.awq import PAIRS, check_scales, fold_scales, search_scales
 from solar_quant.methods.gptq import accumulate_hessian
 from solar_quant.pipeline.layers import capture_inputs
@@ -25,7 +26,6 @@ from solar_quant.pipeline.layers import capture_inputs
 __all__ = ["equalize_layer", "collect_statistics", "fold_layer", "scales_path", "save_scales", "load_scales",
            "folded_source_tensor", "check_norms", "equalization_card", "SCALES_DIR"]
 
-SCALES_DIR = "equalization"
 
 
 def collect_statistics(layer, runner, hidden, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -125,46 +125,6 @@ def check_norms(reader, shape) -> None:
             if tuple(reader.info(name).shape) != (shape.hidden,):
                 raise InputError(f"{reader.path}: tensor '{name}' has shape {list(reader.info(name).shape)}, not "
                                  f"[{shape.hidden}]; --equalize cannot fold into it: drop --equalize")
-
-
-def scales_path(folder: Path, i: int) -> Path:
-    return Path(folder) / SCALES_DIR / f"layer-{i:03d}.safetensors"
-
-
-def save_scales(folder: Path, i: int, scales: dict[str, torch.Tensor]) -> None:
-    """Write layer i's scales atomically (temporary name, then rename)."""
-    from safetensors.torch import save_file
-
-    path = scales_path(folder, i)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
-    tmp.replace(path)
-
-
-def load_scales(folder: Path, i: int) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
-    path = scales_path(folder, i)
-    return load_file(str(path)) if path.is_file() else None
-
-
-def folded_source_tensor(name: str, local: str, tensor: torch.Tensor, scales: dict[str, torch.Tensor],
-                         kv_groups: int, head_dim: int) -> torch.Tensor:
-    """What equalization turns the source tensor `local` (e.g. 'self_attn.v_proj.weight') of a layer
-    into, float32: the same arithmetic as `fold_layer`, applied in the same order (PAIRS')."""
-    module = local.rsplit(".", 1)[0]
-    t = tensor.to(torch.float32)
-    for pair in PAIRS:
-        if pair.name not in scales:
-            raise NumericsError(f"{name}: the equalization scales of pair {pair.name} are missing")
-        s = scales[pair.name]
-        g, d = (kv_groups, head_dim) if pair.gqa else (1, 0)
-        if module == pair.prev:
-            t = fold_scales(t, [], s)[0]
-        if module in pair.linears:
-            t = fold_scales(torch.ones(1), [t], s, kv_groups=g, head_dim=d)[1][0]
-    return t
 
 
 def _sha(t: torch.Tensor) -> str:
