@@ -109,6 +109,19 @@ def _streamer_class():
             if not (self.skip_prompt and self.next_tokens_are_prompt):
                 self.ids.extend(int(t) for t in value.reshape(-1).tolist())
             super().put(value)
+            self._flush_partial_word()
+
+        def _flush_partial_word(self):
+            """TextStreamer holds text back to the last space, so a reply without spaces (code, some
+            scripts, a looping small model) would show nothing: print all decoded text as it comes,
+            holding back only an incomplete UTF-8 character."""
+            if not self.token_cache:
+                return
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            pending = text[self.print_len:]
+            if pending and not pending.endswith("\ufffd"):
+                self.print_len = len(text)
+                self.on_finalized_text(pending)
 
         def on_finalized_text(self, text: str, stream_end: bool = False):
             if self.out is not None:
