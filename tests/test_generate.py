@@ -224,8 +224,11 @@ class _Reader(threading.Thread):
 
 
 def _start(*args: str, stdin=subprocess.DEVNULL):
+    # SIGINT back to its default in the child: a suite started in the background (nohup, `&`) passes
+    # SIGINT down as ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "solar_quant", *map(str, args)], stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out, err = _Reader(proc.stdout), _Reader(proc.stderr)
     out.start()
     err.start()
