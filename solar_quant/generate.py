@@ -106,21 +106,25 @@ def _streamer_class():
             self.out, self.ids = out, []
 
         def put(self, value):
-            if not (self.skip_prompt and self.next_tokens_are_prompt):
-                self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-            super().put(value)
-            self._flush_partial_word()
-
-        def _flush_partial_word(self):
-            """TextStreamer holds text back to the last space, so a reply without spaces (code, some
-            scripts, a looping small model) would show nothing: print all decoded text as it comes,
-            holding back only an incomplete UTF-8 character."""
-            if not self.token_cache:
+            """TextStreamer's put, printing all decoded text as it comes rather than up to the last
+            space (a reply without spaces — code, some scripts, a looping small model — showed
+            nothing), holding back only an incomplete UTF-8 character. One decode per token."""
+            value = value.reshape(-1)
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
                 return
+            ids = [int(t) for t in value.tolist()]
+            self.ids.extend(ids)
+            self.token_cache.extend(ids)
             text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
             pending = text[self.print_len:]
-            if pending and not pending.endswith("\ufffd"):
+            if text.endswith("\n"):
+                self.token_cache, self.print_len = [], 0
+            elif pending.endswith("\ufffd"):
+                return
+            else:
                 self.print_len = len(text)
+            if pending:
                 self.on_finalized_text(pending)
 
         def on_finalized_text(self, text: str, stream_end: bool = False):
