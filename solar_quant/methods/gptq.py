@@ -182,7 +182,8 @@ def _compiled_block(fused: Callable, W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1
         else:
             S = scale[:, None].expand(rows, b - a).contiguous()
             Z = zero[:, None].expand(rows, b - a).contiguous()
-        done = fused(W1[:, a:], Hinv1[a:, a:], S, Z, maxq, log=log)
+        # contiguous: the compiled regions are specialised on strides; one serves every matrix
+        done = fused(W1[:, a:].contiguous(), Hinv1[a:, a:].contiguous(), S, Z, maxq, log=log)
         if done is None:
             return a
         Q1[:, a:b], Err1[:, a:b], W1[:, b:] = done

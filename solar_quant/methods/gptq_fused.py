@@ -63,6 +63,7 @@ class CompiledColumns:
         self._compile = compile
         self._fn: Callable | None = None
         self.failure: str | None = None
+        self.calls = 0  # runs of columns done by the compiled region
 
     def __call__(self, W1: Tensor, Hinv1: Tensor, S: Tensor, Z: Tensor, maxq: Tensor,
                  log: Callable[[str], None] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -74,13 +75,23 @@ class CompiledColumns:
             for t in (W1, S, Z):
                 if t.shape[0] > 1:
                     torch._dynamo.mark_dynamic(t, 0)
-            return self._fn(W1, Hinv1, S, Z, maxq)
+            result = self._fn(W1, Hinv1, S, Z, maxq)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run the eager loop
-            self.failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            self.failure = _reason(e)
             if log is not None:
                 log(f"compiled GPTQ column loop unavailable on {W1.device.type} ({self.failure}); "
                     f"using the eager loop (same codes)")
             return None
+        self.calls += 1
+        return result
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause's type and first line (Inductor wraps the compiler's own error)."""
+    while getattr(e, "inner_exception", None) is not None or e.__cause__ is not None:
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 _COMPILED: CompiledColumns | None = None

@@ -23,6 +23,7 @@ from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS, layer_pref
 from solar_quant.errors import NumericsError
 from solar_quant.formats.gptq_v1 import pack
 from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize_shared
+from solar_quant.methods.gptq_fused import column_loop_for, compiled_columns
 from solar_quant.methods.grid import QuantSpec
 from solar_quant.methods.rtn import rtn_quantize
 from solar_quant.pipeline.layers import StagedForward, capture_inputs
@@ -44,6 +45,7 @@ class LayerQuantConfig:
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    column_loop: str = "auto"  # GPTQ's column loop: "eager", "compiled" or "auto" (methods/gptq_fused.py)
 
     @property
     def spec(self) -> QuantSpec:
@@ -220,8 +222,9 @@ def _quantize_weights(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str,
     if not H.any():
         raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
                             "check the source weights (e.g. a zeroed layer norm) or the calibration data")
+    fused = compiled_columns() if column_loop_for(Ws[0].device, cfg.column_loop) == "compiled" else None
     return gptq_quantize_shared(Ws, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order,
-                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"))
+                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"), fused=fused)
 
 
 def linear_record(weight: torch.Tensor, q, H) -> dict:
