@@ -199,6 +199,13 @@ def _is_expected(e: BaseException) -> bool:
             return True
     except ImportError:
         pass
+    try:
+        import typer  # typer >= 0.16 raises its own Exit (not click's) after our one-line message
+
+        if isinstance(e, typer.Exit):
+            return True
+    except ImportError:
+        pass
     return isinstance(e, (SolarQuantError, KeyboardInterrupt))
 
 

@@ -54,6 +54,10 @@ class GateError(SolarQuantError):
     exit_code = 1
 
 
+class DistributedError(SolarQuantError):
+    """A rank of a multi-process (torchrun) job died, hung past the collective timeout or failed."""
+
+
 class Interrupted(SolarQuantError):
     """SIGINT/SIGTERM arrived; the message says how to resume."""
 

@@ -135,6 +135,10 @@ class MethodEntry:
     parse_variant: Callable[[str, str, str], Variant | None] | None = None  # plan names of its own
     variant_forms: str = ""
     plan_defaults: tuple[str, ...] = ()
+    # torchrun: whether `build` takes `world=` and shares the work out (pipeline/distributed.py),
+    # and if not, the reason given when it is started with several processes
+    distributed: bool = False
+    serial_reason: str = "quantizes each weight alone, without calibration samples to share between processes"
 
 
 _FORMATS: dict[str, FormatEntry] = {}

@@ -71,6 +71,8 @@ def main() -> None:
     install()  # SIGTERM stops a command the way Ctrl-C does: cleanup runs, resumable jobs are kept
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun: no C++ warnings when a peer rank is gone
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from solar_quant.errors import SolarQuantError
     from solar_quant.signals import EXIT_CODE, STOP_SIGNALS, interrupt_message
 

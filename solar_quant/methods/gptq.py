@@ -18,7 +18,7 @@ from solar_quant.methods.grid import QuantSpec, group_params, quantize
 from solar_quant.methods.quantized import QuantizedWeight, assemble
 
 __all__ = ["QuantSpec", "QuantizedWeight", "accumulate_hessian", "gptq_quantize", "gptq_quantize_shared", "assemble",
-           "split_rows"]
+           "split_rows", "stacked_rows"]
 
 MAX_DAMP = 1.0  # the largest fraction of mean(diag(H)) the automatic retry may reach
 DAMP_GROWTH = 10.0
@@ -202,6 +202,12 @@ def gptq_quantize_shared(weights: list[Tensor], H: Tensor, spec: QuantSpec, **kw
         return [gptq_quantize(weights[0], H, spec, **kwargs)]
     fused = gptq_quantize(torch.cat([W.to(torch.float32) for W in weights]), H, spec, **kwargs)
     return split_rows(fused, [W.shape[0] for W in weights])
+
+
+def stacked_rows(weights: list[Tensor], rows: slice) -> Tensor:
+    """Rows `rows` of the weights stacked as `gptq_quantize_shared` stacks them: one share of a
+    solve split by rows (every row is quantized from its own weights and the shared `H^-1`)."""
+    return torch.cat([W.to(torch.float32) for W in weights])[rows]
 
 
 def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:

@@ -8,6 +8,7 @@ NaN in a weight, Ctrl-C) leaves nothing under OUT's name.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 from pathlib import Path
@@ -38,10 +39,10 @@ def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output:
 
     device = str(resolve_device(device))
     reader, rope = _check_inputs(src, out, bnb, output)
-    _return_freed_memory_promptly()
     staged = StagedFolder(out, overwrite=output.overwrite)
     try:
-        counts = _write_tensors(reader, staged, bnb, output.shard_size, device)
+        with _freed_memory_returned_promptly():
+            counts = _write_tensors(reader, staged, bnb, output.shard_size, device)
         qcfg = fmt.quantization_config(bnb)
         staged.write_json("config.json", variant_config(reader.config, qcfg, rope, dtype="float16"))
         copy_side_files(reader, staged)
@@ -109,23 +110,46 @@ def _require_finite(reader: CheckpointReader, name: str, tensor: torch.Tensor) -
     reader.require_finite(name, tensor)
 
 
-def _return_freed_memory_promptly() -> None:
-    """Make glibc hand tensor-sized blocks back to the OS when they are freed.
+@contextlib.contextmanager
+def _freed_memory_returned_promptly():
+    """While the tensors are quantized, make glibc hand tensor-sized blocks back to the OS when
+    they are freed; afterwards, settings that keep them for reuse.
 
     glibc serves blocks below its mmap threshold from the heap, and raises that threshold
     (up to 32 MB) each time a large block is freed; the per-chunk temporaries of the
     quantizers then stay on the heap and resident memory ratchets up by hundreds of MB.
     A fixed 1 MB threshold (which also turns the raising off) sends every such block to
     mmap, which is unmapped on free. Measured on the 4-layer benchmark checkpoint:
-    peak RSS 884 -> ~630 MiB. A no-op on other C libraries.
+    peak RSS 884 -> ~630 MiB.
+
+    The setting is process-wide and glibc cannot turn its raising back on, so on exit the
+    threshold is set to the values the raising converges to (mmap 32 MiB, trim 64 MiB). Left
+    at 1 MB, every later step of the same process (`run`: GPTQ and eval after a bnb variant)
+    mapped and unmapped each tensor it allocated: 0.6 M page faults per 5 s in GPTQ instead of
+    0.02 M, and 217 s of system time in `make demo` (bench/results/demo_time_*.txt).
+    A no-op on other C libraries.
     """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def _glibc():
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt  # noqa: B018 - absent on C libraries without it
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
 
 
-M_MMAP_THRESHOLD = -3  # glibc malloc.h
+M_TRIM_THRESHOLD = -1  # glibc malloc.h
+M_MMAP_THRESHOLD = -3

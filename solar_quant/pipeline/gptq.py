@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,10 +34,12 @@ from solar_quant.architecture import layer_prefix
 from solar_quant.checkpoint.reader import CheckpointReader
 from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
 from solar_quant.devices import compute_dtype, resolve_device
-from solar_quant.errors import InputError, Interrupted, NumericsError, OptionError, OutputError
+from solar_quant.errors import (DistributedError, InputError, Interrupted, NumericsError, OptionError, OutputError,
+                                SolarQuantError)
 from solar_quant.methods.gptq_fused import COLUMN_LOOP_ENV, COLUMN_LOOPS
 from solar_quant.options import GptqOptions, OutputOptions
 from solar_quant.pipeline import records
+from solar_quant.pipeline.distributed import World
 from solar_quant.pipeline.job import (JOB_DIR, Job, has_saved_job, interrupted, job_spec, open_job, save_progress,
                                       source_files)
 from solar_quant.pipeline.layer_quant import LayerQuantConfig, collect_hessians, linear_modules, linear_record
@@ -55,6 +57,7 @@ __all__ = ["build_gptq_variant", "layer_config", "quantize_layer", "collect_hess
 CHUNK_TOKENS = 4096  # calibration tokens per forward chunk
 OVERLAP_ENV = "SOLAR_QUANT_OVERLAP_WRITES"  # "0": write each layer in line instead of in the background
 STOP_ENV = "SOLAR_QUANT_STOP_AFTER_LAYER"  # test hook: "k" (after layer k is saved), "k:unsaved" or "k:term"
+STOP_RANK_ENV = "SOLAR_QUANT_STOP_RANK"  # with STOP_ENV under torchrun: only this rank stops (default: every rank)
 
 # on_layer(i, stage): called after layer i's tensors are written (stage "written") and after its
 # resume point, if one was due, is saved (stage "saved").
@@ -63,13 +66,34 @@ LayerHook = Callable[[int, str], None]
 
 def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, calib, output: OutputOptions, *,
                        device: str = "cpu", resume: bool = False, log=progress.log,
-                       on_layer: LayerHook | None = None) -> Path:
+                       on_layer: LayerHook | None = None, world: World | None = None) -> Path:
     """Quantize the Llama checkpoint `src` into a GPTQ v1 folder `out` and return its path.
 
     `calib` (a CalibrationSet) is required for GPTQ and ignored for RTN. With `resume`, an
     interrupted job in OUT's staging folder continues where it stopped. `on_layer` (default: the
-    `SOLAR_QUANT_STOP_AFTER_LAYER` test hook, read here once) is called as each layer is done."""
-    dev = resolve_device(device)
+    `SOLAR_QUANT_STOP_AFTER_LAYER` test hook, read here once) is called as each layer is done.
+    `world` (`pipeline.distributed`): the ranks of a torchrun job, each carrying its share of the
+    calibration samples; rank 0 alone writes OUT, the job and its resume points."""
+    world = world or World()
+    if not world.distributed:
+        return _build(src, out, gptq, calib, output, device, resume, log, on_layer, world)
+    try:
+        return _build(src, out, gptq, calib, output, device, resume, log, on_layer, world)
+    except DistributedError:
+        raise  # a collective failed: this rank reported itself while naming the lost ones
+    except SolarQuantError as e:
+        world.report(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise
+    except BaseException as e:  # Ctrl-C / SIGTERM (the launcher stopping us), out of memory, a bug
+        world.report("interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+        raise
+
+
+def _build(src, out, gptq: GptqOptions, calib, output: OutputOptions, device: str, resume: bool, log,
+           on_layer: LayerHook | None, world: World) -> Path:
+    if world.distributed:
+        _check_distributed(gptq)
+    dev = resolve_device(world.device(device))
     source = check_source(src, out, rope_scaling=output.rope_scaling, overwrite=output.overwrite)
     reader, shape = source.reader, source.shape
     if gptq.method == "gptq" or gptq.equalize:
@@ -77,6 +101,7 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
             need = "--method gptq" if gptq.method == "gptq" else "--equalize"
             raise OptionError(f"{need} needs calibration data: pass --calibration DIR or calibration flags")
         check_calibration(reader, calib, shape)
+        world.check_samples(int(calib.input_ids.shape[0]))
         if gptq.equalize:
             check_norms(reader, shape)
     else:
@@ -87,23 +112,33 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
     warnings = records.partial_group_warnings(shape, cfg.group_size)
     for w in warnings:
         log(f"warning: {w['message']}")
-    hook = on_layer if on_layer is not None else stop_hook_from_env()
+    hook = on_layer if on_layer is not None else stop_hook_from_env(world.rank)
+    if world.distributed:
+        _check_same_inputs(world, spec)
+    if not world.is_main:
+        return _follow(source, out, spec, cfg, calib, output, dev, options, warnings, log, hook, gptq, world)
 
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
     try:
-        job = open_job(staged, spec, resume, log)  # outside the try below: a refused --resume keeps the job
+        job = open_job(staged, spec, resume, log, world.size)  # outside the try below: a refused --resume keeps the job
     except KeyboardInterrupt:
         if has_saved_job(staged):
             raise Interrupted(f"interrupted; the job is kept in {staged.staging}: rerun the same command with "
                               "--resume to continue") from None
         staged.abandon()
         raise
-    run = _Run(source, staged, job, cfg, calib, output, dev, options, warnings, log, hook, gptq.equalize,
-               overlap_writes=os.environ.get(OVERLAP_ENV, "1").strip() != "0")
+    except SolarQuantError as e:
+        world.share({"error": (type(e).__name__, str(e))})  # every rank ends with the same refusal
+        raise
+    world.share({"layers_done": job.layers_done, "fresh": job.writer_state is None})
+    run = _Run(source, staged, job, cfg, calib, output, dev, options, warnings, log, hook, gptq.equalize, world,
+               overlap_writes=_overlap_writes())
     # The CLI turns SIGTERM into KeyboardInterrupt (solar_quant.signals), so both land below.
     try:
         _run(run)
-        return staged.commit(exclude=(JOB_DIR,))
+        path = staged.commit(exclude=(JOB_DIR,))
+        world.share("done")  # the other ranks end with rank 0's outcome
+        return path
     except (InputError, NumericsError):
         staged.abandon()
         raise
@@ -113,8 +148,53 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
             raise
         raise OutputError(f"{e}; then rerun the same command with --resume to continue from layer "
                           f"{job.layers_done}") from None
+    except DistributedError as e:  # a rank died or hung: the last resume point is kept
+        if not has_saved_job(staged):
+            staged.abandon()
+            raise DistributedError(f"{e}; nothing was saved yet; rerun the same command to start again") from None
+        raise DistributedError(f"{e}; {job.layers_done}/{shape.layers} layers are saved in {staged.staging}: rerun "
+                               f"the same command (with {world.size} processes) and --resume to continue") from None
     except (KeyboardInterrupt, Interrupted):
         raise interrupted(staged, job, shape.layers) from None
+
+
+def _check_distributed(gptq: GptqOptions) -> None:
+    """What a torchrun job refuses: methods without calibration have no samples to share out."""
+    if gptq.method != "gptq":
+        raise OptionError(f"--method {gptq.method}: rounds each weight alone, without calibration samples to share "
+                          "between processes; run it in one process (without torchrun)")
+    if gptq.equalize:
+        raise OptionError("--equalize: not supported with several processes yet; run it in one process "
+                          "(without torchrun)")
+
+
+def _check_same_inputs(world: World, spec: dict) -> None:
+    """Every rank reads the same checkpoint and calibration token ids as rank 0 (on several nodes,
+    each reads its own copy)."""
+    mine = {k: spec["inputs"][k] for k in ("source", "calibration")}
+    theirs = world.share(mine)
+    for key, label in (("source", "source checkpoint"), ("calibration", "calibration token ids")):
+        if mine[key] != theirs[key]:
+            raise InputError(f"rank {world.rank} of {world.size}: its {label} differ from rank 0's; give every "
+                             "rank the same files and calibration options")
+
+
+def _follow(source: Source, out, spec: dict, cfg, calib, output, dev, options, warnings, log, hook, gptq,
+            world: World) -> Path:
+    """A rank other than 0: carry this rank's samples through every layer alongside rank 0,
+    writing nothing; the job's progress comes from rank 0."""
+    start = world.share(None)
+    if "error" in start:
+        import solar_quant.errors as errors
+
+        name, message = start["error"]
+        raise getattr(errors, name, SolarQuantError)(message)
+    job = Job(Path(out).parent / f".{Path(out).name}.partial", spec, layers_done=start["layers_done"],
+              writer_state=None if start["fresh"] else {}, world_size=world.size)
+    run = _Run(source, None, job, cfg, calib, output, dev, options, warnings, log, hook, gptq.equalize, world)
+    _run(run)
+    world.share(None)  # rank 0 committed OUT
+    return Path(out)
 
 
 def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
@@ -123,6 +203,10 @@ def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
                             mse=gptq.mse, act_order=gptq.act_order, static_groups=gptq.static_groups,
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential,
                             column_loop=column_loop_from_env())
+
+
+def _overlap_writes() -> bool:
+    return os.environ.get(OVERLAP_ENV, "1").strip() != "0"
 
 
 def column_loop_from_env() -> str:
@@ -145,12 +229,16 @@ def partial_group_warnings(shape, gptq: GptqOptions) -> list[dict]:
     return records.partial_group_warnings(shape, gptq.group_size)
 
 
-def stop_hook_from_env() -> LayerHook | None:
+def stop_hook_from_env(rank: int = 0) -> LayerHook | None:
     """The test hook behind `SOLAR_QUANT_STOP_AFTER_LAYER` (read once, at the entry point): SIGKILL
     ourselves after layer k's resume point (`k`), after writing it but before its resume point
-    (`k:unsaved`), or SIGTERM after its resume point (`k:term`)."""
+    (`k:unsaved`), or SIGTERM after its resume point (`k:term`). Under torchrun
+    `SOLAR_QUANT_STOP_RANK` picks the one rank that stops."""
     value = os.environ.get(STOP_ENV)
     if not value:
+        return None
+    only = os.environ.get(STOP_RANK_ENV)
+    if only not in (None, "") and int(only) != rank:
         return None
     k, _, when = value.partition(":")
     layer, stage = int(k), "written" if when == "unsaved" else "saved"
@@ -176,7 +264,7 @@ class _Run:
     """Everything one run needs, fixed before the first layer."""
 
     source: Source
-    staged: StagedFolder
+    staged: StagedFolder | None  # None on ranks other than 0
     job: Job
     cfg: LayerQuantConfig
     calib: object | None  # a CalibrationSet for GPTQ, None for RTN
@@ -187,6 +275,7 @@ class _Run:
     log: Callable[[str], None]
     on_layer: LayerHook | None
     equalize: bool = False  # fold activation-aware scales into each layer first (pipeline/equalize.py)
+    world: World = field(default_factory=World)
     overlap_writes: bool = True  # write layer i while layer i + 1 is quantized (_LayerWrites)
 
 
@@ -194,18 +283,22 @@ def _run(run: _Run) -> None:
     from solar_quant.formats.gptq_v1 import quantization_config
     from solar_quant.pipeline.layers import LayerRunner, embed_tokens, llama_config
 
-    reader, shape, job, calib, output = run.source.reader, run.source.shape, run.job, run.calib, run.output
+    reader, shape, job, calib, output, world = run.source.reader, run.source.shape, run.job, run.calib, run.output, run.world
     config = llama_config(reader.config)
     dtype = compute_dtype(run.dev)
     hidden = None
-    writer = job.restore_writer(output.shard_size)
+    writer = job.restore_writer(output.shard_size) if world.is_main else None  # rank 0 alone writes
     if job.writer_state is None:  # a fresh job: embeddings first
-        writer.add("model.embed_tokens.weight", _finite(reader, "model.embed_tokens.weight").to(torch.float16))
-        if calib is not None:
-            hidden = embed_tokens(reader, calib.input_ids)
-        save_progress(job, writer, hidden, 0)
+        if writer is not None:
+            writer.add("model.embed_tokens.weight", _finite(reader, "model.embed_tokens.weight").to(torch.float16))
+        if calib is not None:  # each rank embeds its own samples
+            hidden = embed_tokens(reader, calib.input_ids[world.samples(calib.input_ids.shape[0])])
+        _save_point(run, writer, hidden, 0)
     elif calib is not None and job.layers_done < shape.layers:
-        hidden = job.load_hidden()
+        full = job.load_hidden() if world.is_main else None
+        hidden = world.scatter_samples(full, (calib.input_ids.shape[0], calib.input_ids.shape[1], shape.hidden),
+                                       world.share(full.dtype if full is not None else None))
+        del full
 
     if hidden is not None:
         hidden = place_activations(hidden, shape, run.dev, dtype, run.log)
@@ -213,6 +306,7 @@ def _run(run: _Run) -> None:
     if calib is not None:
         seqlen = calib.input_ids.shape[1]
         runner = LayerRunner(config, run.dev, dtype, chunk=max(1, CHUNK_TOKENS // seqlen))
+    world.where = "before the first layer"
     layer_bar = progress.Progress(shape.layers, "layer", done=job.layers_done)
     linear_bar = progress.Progress(shape.layers * 7, "linear", done=job.layers_done * 7)
     spare = torch.empty_like(hidden) if hidden is not None else None
@@ -222,6 +316,8 @@ def _run(run: _Run) -> None:
     finally:
         prefetch.close()
     hidden = spare = None
+    if writer is None:
+        return
 
     writer.add("model.norm.weight", _finite(reader, "model.norm.weight").to(torch.float16))
     if not shape.tie_word_embeddings:
@@ -236,6 +332,8 @@ def _run(run: _Run) -> None:
     record = records.run_record(reader, run.cfg.method, run.options, calib, job.records, run.warnings)
     if run.equalize:
         record["equalization"] = equalization_card()
+    if run.world.distributed:  # each rank's samples and the Hessian sums depend on it
+        record["world_size"] = run.world.size
     staged.write_json(RECORD_NAME, record)
 
 
@@ -250,8 +348,10 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
     pending = None  # (layer index, its record) written in the background, not yet committed
     clock = {"saved_at": time.monotonic()}  # a resume point is saved when --checkpoint-every seconds have passed
     prefetch.start(job.layers_done)
+    world = run.world
     try:
         for i in range(job.layers_done, shape.layers):
+            world.where = f"on layer {i}"
             layer = prefetch.take(i)
             if i + 1 < shape.layers:
                 prefetch.start(i + 1)
@@ -261,7 +361,7 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
                 save_scales(run.staged.staging, i, scales)
             hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
             quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log,
-                                                out=spare)
+                                                out=spare, world=world if world.distributed else None)
             if equalized is not None:
                 record["equalization"] = equalized
             if runner is not None and hessian_runner is None:
@@ -271,7 +371,7 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
                 _commit_layer(run, writes, job, writer, hidden, *done, clock, layer_bar)
             if runner is not None:  # the layer's outputs, in `spare`, are the next layer's inputs
                 hidden, spare = spare, hidden
-            tensors = _layer_tensors(reader, i, quantized, layer if run.equalize else None)
+            tensors = [] if writer is None else _layer_tensors(reader, i, quantized, layer if run.equalize else None)
             del layer, quantized
             reader.release()  # close the memory maps so pages of finished layers stop counting as ours
             writes.submit(i, tensors)
@@ -281,7 +381,7 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
             done, pending = pending, None
             _commit_layer(run, writes, job, writer, hidden, *done, clock, layer_bar)
     except (KeyboardInterrupt, Interrupted):
-        if pending is not None:  # keep the resume point the layer would have had without the overlap
+        if pending is not None and not world.distributed:  # the resume point the layer would have had in line
             done, pending = pending, None
             _commit_layer(run, writes, job, writer, hidden, *done, clock, layer_bar)
         raise
@@ -298,8 +398,8 @@ def _commit_layer(run: _Run, writes: "_LayerWrites", job: Job, writer, hidden, i
     hook = run.on_layer or (lambda i, stage: None)
     hook(i, "written")
     last = i + 1 == run.source.shape.layers
-    if last or time.monotonic() - clock["saved_at"] >= run.output.checkpoint_every:
-        save_progress(job, writer, None if last else hidden, i + 1)
+    if run.world.share(last or time.monotonic() - clock["saved_at"] >= run.output.checkpoint_every):  # rank 0's clock
+        _save_point(run, writer, None if last else hidden, i + 1)
         clock["saved_at"] = time.monotonic()
     hook(i, "saved")
     layer_bar.step(f"done: model.layers.{i}")
@@ -312,7 +412,7 @@ class _LayerWrites:
     in layer order, so the shards are byte for byte those of writing in line; a write error is
     raised by `wait`. `overlap` False: each layer is written in `submit` itself."""
 
-    def __init__(self, writer: ShardedWriter, overlap: bool = True):
+    def __init__(self, writer: ShardedWriter | None, overlap: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
         self._writer = writer
@@ -329,7 +429,7 @@ class _LayerWrites:
             self._pending = (i, self._pool.submit(self._write, tensors))
 
     def _write(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in tensors:
+        for name, tensor in tensors:  # none on ranks other than 0 (they write nothing)
             self._writer.add(name, tensor)
 
     def wait(self, i: int) -> None:
@@ -345,6 +445,15 @@ class _LayerWrites:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._pending = None
+
+
+def _save_point(run: _Run, writer, hidden, layers_done: int) -> None:
+    """A resume point; under torchrun every rank's samples are gathered and rank 0 saves them."""
+    world = run.world
+    if hidden is not None and world.distributed:
+        hidden = world.gather_samples(hidden, run.calib.input_ids.shape[0])
+    if world.is_main:
+        save_progress(run.job, writer, hidden, layers_done)
 
 
 def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:

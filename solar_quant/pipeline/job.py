@@ -35,6 +35,7 @@ class Job:
     writer_state: dict | None = None
     hidden_file: str | None = None   # relative to folder/.job
     records: list = field(default_factory=list)  # per-layer quantization records
+    world_size: int = 1         # processes of a torchrun job: its sample shards and Hessian sums depend on it
 
     @property
     def dir(self) -> Path:
@@ -42,7 +43,8 @@ class Job:
 
     def save(self) -> None:
         doc = {"version": JOB_VERSION, **self.spec, "layers_done": self.layers_done,
-               "writer": self.writer_state, "hidden": self.hidden_file, "records": self.records}
+               "writer": self.writer_state, "hidden": self.hidden_file, "records": self.records,
+               "world_size": self.world_size}
         self.dir.mkdir(exist_ok=True)
         atomic_write_bytes(self.dir / JOB_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
@@ -54,9 +56,20 @@ class Job:
         try:
             doc = json.loads(path.read_text())
             return cls(folder, {"options": doc["options"], "inputs": doc["inputs"]}, doc["layers_done"],
-                       doc["writer"], doc["hidden"], doc["records"])
+                       doc["writer"], doc["hidden"], doc["records"], int(doc.get("world_size", 1)))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise OutputError(f"{path}: damaged job file; start again without --resume") from None
+
+    def check_world_size(self, world_size: int) -> None:
+        """A job continues with the number of processes that started it: each rank's samples and
+        the order the Hessians are summed in depend on it (docs/distributed.md)."""
+        if self.world_size != world_size:
+            def procs(n):
+                return f"{n} process{'es' if n != 1 else ''}"
+
+            raise OptionError(f"--resume: the interrupted job in {self.folder} was run by {procs(self.world_size)} and "
+                              f"this run has {procs(world_size)}; resume it with {procs(self.world_size)} "
+                              "(torchrun --nproc-per-node/--nnodes), or drop --resume to start over")
 
     def check_matches(self, spec: dict) -> None:
         """Raise OptionError listing every option or input that differs from the saved job."""
@@ -123,14 +136,16 @@ def source_files(reader) -> dict:
     return source_identity(reader.path, reader.shards, SIDE_FILES)
 
 
-def open_job(staged: StagedFolder, spec: dict, resume: bool, log) -> Job:
-    """The job to run in `staged`: a new one, or with `resume` the interrupted one (its spec checked)."""
+def open_job(staged: StagedFolder, spec: dict, resume: bool, log, world_size: int = 1) -> Job:
+    """The job to run in `staged`: a new one, or with `resume` the interrupted one (its spec and
+    number of processes checked)."""
     job = Job.load(staged.staging) if resume else None
     if job is None:
         if resume:
             log(f"--resume: no interrupted job in {staged.staging}; starting from the first layer")
             staged.reset()  # whatever a job-less staging folder holds is not ours to continue from
-        return Job(staged.staging, spec)
+        return Job(staged.staging, spec, world_size=world_size)
+    job.check_world_size(world_size)
     job.check_matches(spec)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
     return job

@@ -22,9 +22,11 @@ import torch
 from solar_quant.architecture import ATTN_LINEARS, SEQUENTIAL_GROUPS, layer_prefix
 from solar_quant.errors import NumericsError
 from solar_quant.formats.gptq_v1 import pack
-from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize_shared
+from solar_quant.methods.gptq import (accumulate_hessian, gptq_quantize, gptq_quantize_shared, split_rows,
+                                     stacked_rows)
 from solar_quant.methods.gptq_fused import column_loop_for, compiled_columns
 from solar_quant.methods.grid import QuantSpec
+from solar_quant.methods.quantized import assemble
 from solar_quant.methods.rtn import rtn_quantize
 from solar_quant.pipeline.layers import StagedForward, capture_inputs
 
@@ -72,7 +74,8 @@ def linear_modules(layer) -> dict[str, torch.nn.Module]:
 
 def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, log,
                    clock: Callable[[str], contextlib.AbstractContextManager] = _no_clock,
-                   accumulate: Callable = accumulate_hessian, out: torch.Tensor | None = None) -> tuple[dict, dict]:
+                   accumulate: Callable = accumulate_hessian, out: torch.Tensor | None = None,
+                   world=None) -> tuple[dict, dict]:
     """Quantize the seven linears of `layer` in place (weights become their dequantized values)
     and, with calibration, write the quantized layer's outputs for `hidden` into `out` (the next
     layer's inputs; allocated like `hidden` when not given).
@@ -88,9 +91,15 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     solar_quant.json). `runner` None: no calibration (RTN), nothing is run. `clock(phase)` wraps
     each phase ("hessian": the stage's forward and its Hessian, "solve", "record", "write_back",
     "pack", "to_host", "forward": the quantized layer's output) for timing; `accumulate` folds
-    inputs into a Hessian (the benchmark compares an fp32 one)."""
+    inputs into a Hessian (the benchmark compares an fp32 one).
+
+    `world` (a `pipeline.distributed.World`; None: one process): `hidden` holds this rank's
+    samples only; each Hessian is summed over every rank's (`World.reduce_hessian`) and each
+    solve is split by rows across the ranks and gathered, so every rank ends with the same
+    quantized layer and its own samples' outputs in `out`."""
     quantized, record = {}, {"layer": i, "linears": {}}
-    solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record)
+    solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record, world=world)
+    reduce = world.reduce_hessian if world is not None else None
     if runner is None:
         for group in SEQUENTIAL_GROUPS:
             solve(group, None)
@@ -98,7 +107,8 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     out = torch.empty_like(hidden) if out is None else out
     if not cfg.true_sequential:
         with clock("hessian"):
-            hessians = collect_hessians(layer, runner, hidden, [full_name(g[0]) for g in SEQUENTIAL_GROUPS], accumulate)
+            hessians = collect_hessians(layer, runner, hidden, [full_name(g[0]) for g in SEQUENTIAL_GROUPS], accumulate,
+                                        reduce=reduce)
         for group in SEQUENTIAL_GROUPS:
             solve(group, hessians.pop(full_name(group[0])))
         with clock("forward"):
@@ -107,7 +117,7 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     stages = StagedForward(runner, layer, hidden, out)
     for group, inputs in zip(SEQUENTIAL_GROUPS, stages.group_inputs()):
         with clock("hessian"):
-            H = stage_hessian(inputs(), accumulate)
+            H = stage_hessian(inputs(), accumulate, reduce=reduce)
         solve(group, H)
         del H
     with clock("forward"):
@@ -115,34 +125,40 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     return quantized, record
 
 
-def stage_hessian(inputs: Iterable[torch.Tensor], accumulate: Callable = accumulate_hessian) -> torch.Tensor | None:
-    """The Hessian 2/n Σ x xᵀ of one stage's inputs (chunks [..., features]), in chunk order."""
+def stage_hessian(inputs: Iterable[torch.Tensor], accumulate: Callable = accumulate_hessian,
+                  reduce: Callable | None = None) -> torch.Tensor | None:
+    """The Hessian 2/n Σ x xᵀ of one stage's inputs (chunks [..., features]), in chunk order;
+    `reduce(H, count)` (-> (H, total)) sums it with the other ranks' when there are any."""
     H, count = None, 0
     for X in inputs:
         H, count = accumulate(H, count, X.reshape(-1, X.shape[-1]))
+    if reduce is not None and H is not None:
+        H, count = reduce(H, count)
     return H
 
 
 def _solve_group(i: int, layer, cfg: LayerQuantConfig, bar, log, clock, quantized: dict, record: dict,
-                 group: tuple[str, ...], H) -> None:
+                 group: tuple[str, ...], H, world=None) -> None:
     """Quantize one group's linears on Hessian `H` (None: RTN), write the dequantized weights
     back, pack each linear where it was computed and fill `quantized` and `record`."""
     names = [full_name(n) for n in group]
     weights = [layer.get_submodule(name).weight for name in names]
     label = ", ".join(layer_prefix(i) + n for n in names)
     with clock("solve"):
-        qs = _quantize_group(label, weights, H, cfg.spec, cfg, log)
+        qs = _quantize_group(label, weights, H, cfg.spec, cfg, log, world)
     for name, weight, q in zip(names, weights, qs):
         with clock("record"):
-            record["linears"][name] = linear_record(weight, q, H)
+            rows = q.stats.get("row_record")  # split by rows across ranks: the sums of each rank's rows
+            record["linears"][name] = linear_record(weight, q, H) if rows is None else record_from_rows(q, rows)
         with clock("write_back"), torch.no_grad():
             weight.copy_(q.dequant)
-        # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
-        with clock("pack"):
-            on_device = pack(q, cfg.bits)
-        with clock("to_host"):
-            quantized[name] = {k: t.cpu() for k, t in on_device.items()}
-        del on_device
+        if world is None or world.is_main:  # the rank that writes the layer packs it
+            # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
+            with clock("pack"):
+                on_device = pack(q, cfg.bits)
+            with clock("to_host"):
+                quantized[name] = {k: t.cpu() for k, t in on_device.items()}
+            del on_device
         bar.step(_linear_detail(layer_prefix(i) + name, record["linears"][name]))
 
 
@@ -172,10 +188,10 @@ def _linear_detail(name: str, rec: dict) -> str:
     return f"{name} rel. weight error {rec['rel_weight_error']}"
 
 
-def collect_hessians(layer, runner, hidden, names: list[str],
-                     accumulate: Callable = accumulate_hessian) -> dict[str, torch.Tensor]:
+def collect_hessians(layer, runner, hidden, names: list[str], accumulate: Callable = accumulate_hessian,
+                     reduce: Callable | None = None) -> dict[str, torch.Tensor]:
     """Hessians 2/n Σ x xᵀ of the inputs of linears `names` (execution order) over all chunks;
-    each chunk stops once the last of them has seen its input."""
+    each chunk stops once the last of them has seen its input. `reduce` as in `stage_hessian`."""
     modules = {n: layer.get_submodule(n) for n in names}
     state: dict[str, tuple] = {n: (None, 0) for n in names}
 
@@ -188,13 +204,18 @@ def collect_hessians(layer, runner, hidden, names: list[str],
     finally:
         for h in handles:
             h.remove()
+    if reduce is not None:
+        return {n: reduce(H, count)[0] for n, (H, count) in state.items()}
     return {n: H for n, (H, _) in state.items()}
 
 
-def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec, cfg: LayerQuantConfig, log) -> list:
+def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec, cfg: LayerQuantConfig, log,
+                    world=None) -> list:
     Ws = [w.detach().to(torch.float32) for w in weights]
     try:
         with one_cpu_thread(Ws[0].device):
+            if world is not None and world.distributed and H is not None:
+                return _quantize_rows(Ws, H, spec, cfg, label, log, world)
             return _quantize_weights(Ws, H, spec, cfg, label, log)
     except NumericsError as e:
         raise NumericsError(f"{label}: {e}") from None
@@ -222,9 +243,61 @@ def _quantize_weights(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str,
     if not H.any():
         raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
                             "check the source weights (e.g. a zeroed layer norm) or the calibration data")
-    fused = compiled_columns() if column_loop_for(Ws[0].device, cfg.column_loop) == "compiled" else None
     return gptq_quantize_shared(Ws, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order,
-                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"), fused=fused)
+                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"),
+                                fused=_column_loop(Ws[0].device, cfg))
+
+
+def _column_loop(device: torch.device, cfg: LayerQuantConfig):
+    """The compiled column loop where `cfg.column_loop` picks it for `device`, else None (eager)."""
+    return compiled_columns() if column_loop_for(device, cfg.column_loop) == "compiled" else None
+
+
+def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log, world) -> list:
+    """This rank's share of the stacked rows solved on the shared `H`, then every rank's share
+    gathered (codes as uint8, the per-group scales and zeros, the row losses), so every rank
+    holds the whole group's result; its dequantized values are rebuilt from the gathered codes
+    exactly as `assemble` builds them from one process's."""
+    sizes = [W.shape[0] for W in Ws]
+    n = sum(sizes)
+    if not H.any():
+        raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
+                            "check the source weights (e.g. a zeroed layer norm) or the calibration data")
+    W = stacked_rows(Ws, world.rows(n))
+    q = gptq_quantize(W, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp,
+                      actorder=cfg.act_order, static_groups=cfg.static_groups,
+                      log=(lambda m: log(f"{label}: {m}")) if world.is_main else None, fused=_column_loop(W.device, cfg))
+    row_record = world.gather_rows(_row_sums(W, q.dequant, H), n)
+    del W
+    codes = world.gather_rows(q.intweight.to(torch.uint8), n).to(torch.int32)
+    scales = world.gather_rows(q.scales.t().contiguous(), n).t()
+    zeros = world.gather_rows(q.zeros.t().contiguous(), n).t()
+    stats = {k: v for k, v in q.stats.items() if k not in ("row_losses", "loss")}
+    stats["row_losses"] = world.gather_rows(q.stats["row_losses"], n)
+    stats["loss"] = float(stats["row_losses"].sum())
+    fused = assemble(codes, scales, zeros, q.g_idx, damp_used=q.damp_used, stats=stats)
+    parts, start = split_rows(fused, sizes), 0
+    for part, size in zip(parts, sizes):
+        part.stats["row_record"] = row_record[start:start + size]
+        start += size
+    return parts
+
+
+def _row_sums(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per row: ‖w‖², ‖w−q‖², (w−q) H (w−q)ᵀ, w H wᵀ — what `linear_record` sums, [rows, 4]."""
+    dW = W - Q
+    return torch.stack([(W * W).sum(1), (dW * dW).sum(1), ((dW @ H) * dW).sum(1), ((W @ H) * W).sum(1)], dim=1)
+
+
+def record_from_rows(q, rows: torch.Tensor) -> dict:
+    """`linear_record` from per-row sums (`_row_sums`), added up in row order in float64."""
+    w2, d2, dh, wh = (float(x) for x in rows.to(torch.float64).sum(0))
+    out = {"rel_weight_error": _sig((d2 / max(w2, 1e-60)) ** 0.5),
+           "rel_output_error": _sig((max(dh, 0.0) / max(wh, 1e-60)) ** 0.5), "damp": float(q.damp_used)}
+    for key in ("loss", "dead_columns", "cholesky_retries"):
+        if key in q.stats:
+            out[key] = _sig(q.stats[key]) if isinstance(q.stats[key], float) else q.stats[key]
+    return out
 
 
 def linear_record(weight: torch.Tensor, q, H) -> dict:

@@ -35,16 +35,34 @@ class RunResult:
 
 
 def run_recipe(recipe_path: str, *, model: str | None = None, out: str | None = None, resume: bool = False,
-               overwrite: bool = False, log=default_log) -> RunResult:
-    """Carry out the recipe into its run folder, holding that folder's lock (one run per folder)."""
+               overwrite: bool = False, log=default_log, world=None) -> RunResult:
+    """Carry out the recipe into its run folder, holding that folder's lock (one run per folder).
+
+    `world` (`pipeline.distributed.World`, under torchrun): every rank takes part in the GPTQ
+    variants; rank 0 alone writes the run folder, verifies, evaluates and writes the cards."""
+    import contextlib
+
     from solar_quant.checkpoint.lock import OutputLock
 
-    with OutputLock(out or Path("out") / load_recipe(recipe_path).name):
-        return _run_recipe(recipe_path, model=model, out=out, resume=resume, overwrite=overwrite, log=log)
+    main = world is None or world.is_main
+    with OutputLock(out or Path("out") / load_recipe(recipe_path).name) if main else contextlib.nullcontext():
+        return _run_recipe(recipe_path, model=model, out=out, resume=resume, overwrite=overwrite, log=log, world=world)
+
+
+def check_distributed(recipe: Recipe) -> None:
+    """Under torchrun, every variant's method must share its work out (GPTQ does; bnb and RTN do not)."""
+    from solar_quant import registry
+    from solar_quant.errors import OptionError
+
+    for v in recipe.variants:
+        entry = registry.method(v.quantize.method)
+        if not entry.distributed:
+            raise OptionError(f"variant {v.name}: method {v.quantize.method} {entry.serial_reason}; run this recipe "
+                              "in one process (without torchrun), or keep only GPTQ variants in it")
 
 
 def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume: bool, overwrite: bool,
-                log) -> RunResult:
+                log, world=None) -> RunResult:
     recipe = load_recipe(recipe_path)
     model_path = resolve_model(recipe, model)
     if model_path is None:
@@ -53,7 +71,9 @@ def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume:
     root = Path(out or Path("out") / recipe.name)
     result = RunResult(root)
     _check_outputs(root, recipe, resume, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
+    main = world is None or world.is_main
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
     timings: dict = {"wall_s": {}, "cpu_s": {}}  # per stage, as measured by this process
@@ -66,11 +86,15 @@ def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume:
             timings["wall_s"][stage] = round(time.monotonic() - wall, 1)
             timings["cpu_s"][stage] = round(time.process_time() - cpu, 1)
 
-    calib = timed("calibration", _calibration, recipe, model_path, root, resume, log) \
-        if recipe.needs_calibration() else None
+    calib = None
+    if recipe.needs_calibration():
+        calib = timed("calibration", _calibration, recipe, model_path, root, resume, log) if main else \
+            _calibration_in_memory(recipe, model_path)
     for v in recipe.variants:
         result.variants[v.name] = timed(f"quantize {v.name}", _quantize, recipe, v, model_path, root, calib, resume,
-                                        overwrite, log)
+                                        overwrite, log, world)
+    if not main:
+        return result  # rank 0 verifies, evaluates and writes the cards and run.json
     for name, path in result.variants.items():
         timed(f"verify {name}", _verify, path, model_path, log)
 
@@ -135,9 +159,21 @@ def _calibration(recipe: Recipe, model_path: Path, root: Path, resume: bool, log
     return load_calibration(path)
 
 
-def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, calib, resume: bool, overwrite: bool, log) -> Path:
+def _calibration_in_memory(recipe: Recipe, model_path: Path):
+    """A rank other than 0 builds the same calibration set without writing it (the job checks
+    that every rank's token ids agree)."""
+    from solar_quant.calibration.build import build_calibration
+
+    return build_calibration(str(model_path), recipe.calibration, log=lambda m: None)
+
+
+def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, calib, resume: bool, overwrite: bool, log,
+              world=None) -> Path:
     final = root / v.name
-    if resume and (final / "manifest.json").is_file():
+    complete = resume and (final / "manifest.json").is_file()
+    if world is not None:
+        complete = world.share(complete)  # rank 0's folder decides
+    if complete:
         log(f"[run] {v.name}: already complete, kept")
         return final
     output = OutputOptions(shard_size=parse_size(v.shard_size, "shard_size"), rope_scaling=v.rope_scaling, overwrite=overwrite)
@@ -145,12 +181,13 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
     from solar_quant import registry
 
     entry = registry.method(v.quantize.method)
-    if v.quantize.method == "gptq" and calib is not None:
+    if v.quantize.method == "gptq" and calib is not None and (world is None or world.is_main):
         from solar_quant.pipeline.dry_run import log_gptq_estimate
 
         log_gptq_estimate(model_path, calib, recipe.device, v.quantize, log)
+    extra = {"world": world} if world is not None else {}
     return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration else None, output,
-                       device=recipe.device, resume=resume, log=log)
+                       device=recipe.device, resume=resume, log=log, **extra)
 
 
 def _verify(path: Path, source: Path, log) -> None:

@@ -72,13 +72,46 @@ def quantize(
     RopeScaling.parse(rope_scaling)
     output = build(OutputOptions, shard_size=parse_size(shard_size), rope_scaling=rope_scaling, overwrite=overwrite,
                    checkpoint_every=checkpoint_every)
-    from solar_quant import progress, registry
+    from solar_quant import registry
 
     entry = registry.method(method)
     flags = dict(double_quant=double_quant, compute_dtype=compute_dtype, skip_modules=skip_modules, bits=bits,
                  group_size=group_size, act_order=act_order, static_groups=static_groups, sym=sym, damp=damp, mse=mse,
                  block_size=block_size, equalize=equalize)
     options = build(entry.options, **entry.cli_options(flags))
+    world = _join_world(entry, method, device, out)
+    try:
+        path = _quantize(src, out, method, entry, options, output, world, device, resume, calibration, source, fmt,
+                         template, nsamples, seqlen, seed, short)
+    finally:
+        if world is not None:
+            world.close()
+    if world is None or world.is_main:
+        console.result(str(path))
+
+
+def _join_world(entry, method: str, device: str, out: str):
+    """Under torchrun (WORLD_SIZE > 1), this process's rank in the job; None in one process."""
+    from solar_quant.errors import OptionError
+    from solar_quant.pipeline.distributed import World, launched
+    from solar_quant.signals import set_interrupt_hint
+
+    if not launched():
+        return None
+    if not entry.distributed:
+        raise OptionError(f"--method {method}: {entry.serial_reason}; run it in one process (without torchrun)")
+    world = World.from_env(device)
+    if not world.is_main:
+        console.configure(quiet=True)  # progress comes from rank 0; errors are printed on every rank
+        set_interrupt_hint(f"interrupted (rank {world.rank} of {world.size}); rank 0 keeps the job's last resume point")
+    return world
+
+
+def _quantize(src, out, method, entry, options, output, world, device, resume, calibration, source, fmt, template,
+              nsamples, seqlen, seed, short):
+    from solar_quant import progress
+    from solar_quant.errors import OptionError
+
     if entry.uses_device:
         _preflight(src, out, output, device)  # before any calibration set is built
     elif device != "cpu":
@@ -89,12 +122,12 @@ def quantize(
 
         calib = calibration_from_cli(src, calibration, source, fmt, template=template, nsamples=nsamples, seqlen=seqlen,
                                      seed=seed, short=short)
-        if method == "gptq":
+        if method == "gptq" and (world is None or world.is_main):
             from solar_quant.pipeline.dry_run import log_gptq_estimate
 
             log_gptq_estimate(src, calib, device, options)
-    path = entry.build(src, out, options, calib, output, device=device, resume=resume, log=progress.log)
-    console.result(str(path))
+    extra = {"world": world} if world is not None else {}
+    return entry.build(src, out, options, calib, output, device=device, resume=resume, log=progress.log, **extra)
 
 
 def _output_folder(positional: str | None, option: str | None) -> str:

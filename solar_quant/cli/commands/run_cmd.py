@@ -32,10 +32,34 @@ def run(
         return
     from solar_quant.pipeline.run import format_summary, run_recipe
 
-    result = run_recipe(recipe, model=model, out=out, resume=resume, overwrite=overwrite)
+    world = _join_world(recipe)
+    try:
+        result = run_recipe(recipe, model=model, out=out, resume=resume, overwrite=overwrite, world=world)
+    finally:
+        if world is not None:
+            world.close()
+    if world is not None and not world.is_main:
+        return
     console.result(format_summary(result))
     if result.gate_failure:
         raise GateError(result.gate_failure)
+
+
+def _join_world(recipe_path: str):
+    """Under torchrun (WORLD_SIZE > 1), this process's rank in the job; None in one process."""
+    from solar_quant.pipeline.distributed import World, launched
+
+    if not launched():
+        return None
+    from solar_quant.pipeline.run import check_distributed
+    from solar_quant.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    check_distributed(recipe)
+    world = World.from_env(recipe.device)
+    if not world.is_main:
+        console.configure(quiet=True)
+    return world
 
 
 def register(app: typer.Typer) -> None:

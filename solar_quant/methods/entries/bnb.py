@@ -67,7 +67,9 @@ def _entry(name: str, summary: str, describe) -> MethodEntry:
         name=name, options=BnbOptions, format="bitsandbytes", summary=summary, build=build, variant=variant,
         describe=describe, cli_options=lambda flags: cli_options(name, flags), host_memory=host_memory,
         time_range=time_range, needs_calibration=False, uses_device=True, check_options=check_options,
-        streams="tensor", card_tags=_tags(name))
+        streams="tensor", card_tags=_tags(name),
+        serial_reason="quantizes tensor by tensor and is bound by reading and writing the shards, which more "
+                      "processes would not make faster")
 
 
 register_method(_entry("bnb-int8", "bitsandbytes LLM.int8 (8-bit rows with fp32 scales)", _describe_int8))

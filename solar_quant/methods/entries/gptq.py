@@ -8,11 +8,13 @@ from solar_quant.registry import MethodEntry, Variant, register_method
 GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "block_size", "equalize")
 
 
-def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):
+def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None,
+          world=None):
     from solar_quant import progress
     from solar_quant.pipeline.gptq import build_gptq_variant
 
-    return build_gptq_variant(src, out, options, calib, output, device=device, resume=resume, log=log or progress.log)
+    return build_gptq_variant(src, out, options, calib, output, device=device, resume=resume, log=log or progress.log,
+                              world=world)
 
 
 def variant(options: GptqOptions) -> Variant:
@@ -57,4 +59,5 @@ register_method(MethodEntry(
     name="gptq", options=GptqOptions, format="gptq", summary="GPTQ with calibration data (Hessian error feedback)",
     build=build, variant=variant, describe=lambda o: describe_grid(o, "GPTQ"),
     cli_options=lambda flags: cli_options("gptq", flags), host_memory=host_memory, time_range=time_range,
-    needs_calibration=True, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit")))
+    needs_calibration=True, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit"),
+    distributed=True))
