@@ -172,12 +172,21 @@ def test_a_stopped_rank_is_named_by_the_others(tiny_llama, calib_dir, tmp_path):
     assert json.loads((tmp_path / ".q.partial" / ".job" / "job.json").read_text())["layers_done"] == 1
 
 
-@pytest.mark.parametrize("method,needle", [("bnb-nf4", "tensor by tensor"), ("rtn", "without calibration samples")])
-def test_methods_without_samples_to_share_refuse_several_processes(tiny_llama, tmp_path, method, needle):
-    ranks = launch(2, "quantize", tiny_llama, tmp_path / "q", "--method", method)
+def test_bnb_refuses_several_processes(tiny_llama, tmp_path):
+    ranks = launch(2, "quantize", tiny_llama, tmp_path / "q", "--method", "bnb-nf4")
     for r in ranks:
-        assert_clean_failure(r, f"--method {method}", needle, "one process")
+        assert_clean_failure(r, "--method bnb-nf4", "tensor by tensor", "one process")
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+def test_rtn_refuses_several_processes_before_joining(monkeypatch):
+    from solar_quant import registry
+    from solar_quant.cli.commands.quantize_cmd import _join_world
+    from solar_quant.errors import OptionError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(OptionError, match="--method rtn: .*without calibration samples.*one process"):
+        _join_world(registry.method("rtn"), "rtn", "cpu", "out")  # refused before any process group exists
 
 
 # -- in one process --------------------------------------------------------------------------

@@ -96,6 +96,11 @@ class World:
         store = dist.PrefixStore("solar_quant/", dist.distributed_c10d._get_default_store())
         return cls(rank=rank, size=size, local_rank=local, backend=backend, timeout_s=timeout, _store=store)
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers live: NCCL moves CUDA tensors only, gloo CPU ones."""
+        return torch.device(f"cuda:{self.local_rank}") if self.backend == "nccl" else torch.device("cpu")
+
     def device(self, name: str) -> str:
         """`--device` for this rank: cuda (or cuda:N) means this rank's own GPU, cuda:LOCAL_RANK."""
         if self.distributed and name.strip().lower().startswith("cuda"):
@@ -161,31 +166,32 @@ class World:
         if not self.distributed:
             return hidden
         width = -(-n // self.size)
-        padded = hidden.new_zeros((width, *hidden.shape[1:]))
+        padded = torch.zeros((width, *hidden.shape[1:]), dtype=hidden.dtype, device=self.comm_device)
         padded[:hidden.shape[0]] = hidden
         out = [torch.empty_like(padded) for _ in range(self.size)] if self.is_main else None
         self._call("activations gather", lambda d: d.gather(padded, out, dst=0))
         if not self.is_main:
             return None
-        return torch.cat([b[:block(n, r, self.size).stop - block(n, r, self.size).start] for r, b in enumerate(out)])
+        return torch.cat([b[:block(n, r, self.size).stop - block(n, r, self.size).start].cpu()
+                          for r, b in enumerate(out)])
 
     def scatter_samples(self, full: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """Rank 0's activations `full` [n, ...] cut into every rank's samples."""
         if not self.distributed:
             return full
         n, width = shape[0], -(-shape[0] // self.size)
-        mine = torch.empty((width, *shape[1:]), dtype=dtype)
+        mine = torch.empty((width, *shape[1:]), dtype=dtype, device=self.comm_device)
         pieces = None
         if self.is_main:
             pieces = []
             for r in range(self.size):
-                piece = torch.zeros((width, *shape[1:]), dtype=dtype)
+                piece = torch.zeros((width, *shape[1:]), dtype=dtype, device=self.comm_device)
                 rows = block(n, r, self.size)
                 piece[:rows.stop - rows.start] = full[rows]
                 pieces.append(piece)
         self._call("activations scatter", lambda d: d.scatter(mine, pieces, src=0))
         rows = self.samples(n)
-        return mine[:rows.stop - rows.start].clone()
+        return mine[:rows.stop - rows.start].cpu().clone()
 
     def share(self, value):
         """Rank 0's `value` (any picklable object) on every rank."""
