@@ -55,10 +55,10 @@ def launch(n: int, *args, env: dict | None = None, timeout: float = 300) -> list
     return results
 
 
-def torchrun(n: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(n: int, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
            "-m", "solar_quant", *map(str, args)]
-    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,18 @@ def test_a_dead_rank_ends_the_job_and_resume_completes(tiny_llama, calib_dir, tw
     cli("verify", out, "--source", tiny_llama, check=True, env=ENV)
 
 
+def test_under_torchrun_a_dead_rank_is_named(tiny_llama, calib_dir, tmp_path):
+    """torchrun stops the surviving ranks with SIGTERM once one died: rank 0 still names the dead
+    one in its one line (its own failure summary follows; that text is torchrun's)."""
+    out = tmp_path / "q"
+    proc = torchrun(2, "quantize", tiny_llama, out, *FLAGS, "--calibration", calib_dir,
+                    env={"SOLAR_QUANT_STOP_AFTER_LAYER": "0", "SOLAR_QUANT_STOP_RANK": "1"})
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("solar-quant: error:")]
+    assert len(ours) == 1 and "rank 1 of 2 died" in ours[0] and "--resume" in ours[0], proc.stderr[-3000:]
+    assert json.loads((tmp_path / ".q.partial" / ".job" / "job.json").read_text())["layers_done"] == 1
+
+
 def test_a_stopped_rank_is_named_by_the_others(tiny_llama, calib_dir, tmp_path):
     """Rank 1 stopped by SIGTERM after layer 0 says so in one line and exits 130; rank 0 names it in
     its one line; the job is kept."""
@@ -172,12 +184,21 @@ def test_a_stopped_rank_is_named_by_the_others(tiny_llama, calib_dir, tmp_path):
     assert json.loads((tmp_path / ".q.partial" / ".job" / "job.json").read_text())["layers_done"] == 1
 
 
-@pytest.mark.parametrize("method,needle", [("bnb-nf4", "tensor by tensor"), ("rtn", "without calibration samples")])
-def test_methods_without_samples_to_share_refuse_several_processes(tiny_llama, tmp_path, method, needle):
-    ranks = launch(2, "quantize", tiny_llama, tmp_path / "q", "--method", method)
+def test_bnb_refuses_several_processes(tiny_llama, tmp_path):
+    ranks = launch(2, "quantize", tiny_llama, tmp_path / "q", "--method", "bnb-nf4")
     for r in ranks:
-        assert_clean_failure(r, f"--method {method}", needle, "one process")
+        assert_clean_failure(r, "--method bnb-nf4", "tensor by tensor", "one process")
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+def test_rtn_refuses_several_processes_before_joining(monkeypatch):
+    from solar_quant import registry
+    from solar_quant.cli.commands.quantize_cmd import _join_world
+    from solar_quant.errors import OptionError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(OptionError, match="--method rtn: .*without calibration samples.*one process"):
+        _join_world(registry.method("rtn"), "rtn", "cpu", "out")  # refused before any process group exists
 
 
 # -- in one process --------------------------------------------------------------------------
@@ -260,3 +281,25 @@ def test_a_recipe_with_a_bnb_variant_refuses_several_processes(tiny_llama, tmp_p
     for r in ranks:
         assert_clean_failure(r, "variant tiny-bnb-nf4", "tensor by tensor", "one process")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_row_shares_of_a_solve_equal_the_whole_solve(act_order):
+    """What the row split relies on: given the same H, solving rows a:b alone gives exactly rows a:b
+    of the whole solve (codes, scales, zeros), with and without act-order."""
+    from gptq_helpers import synthetic_inputs, synthetic_weight
+
+    from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize, stacked_rows
+    from solar_quant.methods.grid import QuantSpec
+    from solar_quant.pipeline.distributed import block
+
+    torch.set_num_threads(1)
+    X, Ws = synthetic_inputs(512, 256), [synthetic_weight(96, 256, seed=2), synthetic_weight(100, 256, seed=3)]
+    H, _ = accumulate_hessian(None, 0, X)
+    spec = QuantSpec(4, 32, True, 0.0)
+    whole = gptq_quantize(torch.cat(Ws), H, spec, actorder=act_order)
+    parts = [gptq_quantize(stacked_rows(Ws, block(196, r, 3)), H, spec, actorder=act_order) for r in range(3)]
+    assert torch.equal(torch.cat([p.intweight for p in parts]), whole.intweight)
+    assert torch.equal(torch.cat([p.scales for p in parts], dim=1), whole.scales)
+    assert torch.equal(torch.cat([p.zeros for p in parts], dim=1), whole.zeros)
+    assert all(torch.equal(p.g_idx, whole.g_idx) for p in parts)

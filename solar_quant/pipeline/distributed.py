@@ -96,6 +96,18 @@ class World:
         store = dist.PrefixStore("solar_quant/", dist.distributed_c10d._get_default_store())
         return cls(rank=rank, size=size, local_rank=local, backend=backend, timeout_s=timeout, _store=store)
 
+    @property
+    def under_agent(self) -> bool:
+        """Started by torchrun's agent, which stops every rank (SIGTERM) as soon as one has died:
+        then a rank that never reports after such a stop is the dead one. (A rank stopped on its
+        own, without an agent, names nobody: the others may just be busy computing.)"""
+        return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers live: NCCL moves CUDA tensors only, gloo CPU ones."""
+        return torch.device(f"cuda:{self.local_rank}") if self.backend == "nccl" else torch.device("cpu")
+
     def device(self, name: str) -> str:
         """`--device` for this rank: cuda (or cuda:N) means this rank's own GPU, cuda:LOCAL_RANK."""
         if self.distributed and name.strip().lower().startswith("cuda"):
@@ -161,31 +173,32 @@ class World:
         if not self.distributed:
             return hidden
         width = -(-n // self.size)
-        padded = hidden.new_zeros((width, *hidden.shape[1:]))
+        padded = torch.zeros((width, *hidden.shape[1:]), dtype=hidden.dtype, device=self.comm_device)
         padded[:hidden.shape[0]] = hidden
         out = [torch.empty_like(padded) for _ in range(self.size)] if self.is_main else None
         self._call("activations gather", lambda d: d.gather(padded, out, dst=0))
         if not self.is_main:
             return None
-        return torch.cat([b[:block(n, r, self.size).stop - block(n, r, self.size).start] for r, b in enumerate(out)])
+        return torch.cat([b[:block(n, r, self.size).stop - block(n, r, self.size).start].cpu()
+                          for r, b in enumerate(out)])
 
     def scatter_samples(self, full: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """Rank 0's activations `full` [n, ...] cut into every rank's samples."""
         if not self.distributed:
             return full
         n, width = shape[0], -(-shape[0] // self.size)
-        mine = torch.empty((width, *shape[1:]), dtype=dtype)
+        mine = torch.empty((width, *shape[1:]), dtype=dtype, device=self.comm_device)
         pieces = None
         if self.is_main:
             pieces = []
             for r in range(self.size):
-                piece = torch.zeros((width, *shape[1:]), dtype=dtype)
+                piece = torch.zeros((width, *shape[1:]), dtype=dtype, device=self.comm_device)
                 rows = block(n, r, self.size)
                 piece[:rows.stop - rows.start] = full[rows]
                 pieces.append(piece)
         self._call("activations scatter", lambda d: d.scatter(mine, pieces, src=0))
         rows = self.samples(n)
-        return mine[:rows.stop - rows.start].clone()
+        return mine[:rows.stop - rows.start].cpu().clone()
 
     def share(self, value):
         """Rank 0's `value` (any picklable object) on every rank."""
@@ -212,31 +225,32 @@ class World:
             self.collective_s += time.perf_counter() - started
 
     # -- failures ---------------------------------------------------------------------------
-    def report(self, line: str) -> None:
+    def report(self, line: str) -> list[int]:
         """Tell the other ranks (through the rendezvous store) why this one stops, and close our
-        connections so that ranks waiting on us fail now instead of at the timeout."""
+        connections so that ranks waiting on us fail now instead of at the timeout. Returns the
+        ranks that sent no report of their own within GRACE_S (died, or hung)."""
         if not self.distributed:
-            return
+            return []
         try:
             self._store.set(_DOWN + str(self.rank), line[:500])
         except RuntimeError:
-            return  # the store's host (rank 0, or the launcher) is gone: nobody is left to tell
+            return []  # the store's host (rank 0, or the launcher) is gone: nobody is left to tell
         self.close()
-        self._wait_for_reports()  # the store may live in this process: keep it up while the others read it
+        return self._wait_for_reports()[0]  # the store may live in this process: it stays up while the others read it
 
     def lost(self, what: str, error: BaseException) -> DistributedError:
         """The error to raise once a collective failed: report ourselves, wait for the others'
         reports, then name the ranks that sent none (died or hung) or the first that failed."""
         line = f"rank {self.rank} lost contact with the other ranks during {what}"
         silent, failed = self._wait_for_reports(line)
+        if failed:  # a rank that said why it stopped is the cause; the silent ones may only be busy
+            rank, message = failed[0]
+            return DistributedError(f"rank {rank} of {self.size} stopped during {what}: {message}")
         if silent:
             names = ", ".join(map(str, silent))
             return DistributedError(f"rank {names} of {self.size} died or stopped responding during {what} "
                                     f"(no word from it within {GRACE_S:g} s; collectives time out after "
                                     f"{self.timeout_s:g} s)")
-        if failed:
-            rank, message = failed[0]
-            return DistributedError(f"rank {rank} of {self.size} stopped during {what}: {message}")
         return DistributedError(f"{line}: {_first_line(error)}")
 
     def _wait_for_reports(self, own: str | None = None) -> tuple[list[int], list[tuple[int, str]]]:

@@ -81,11 +81,21 @@ def build_gptq_variant(src: str | Path, out: str | Path, gptq: GptqOptions, cali
         return _build(src, out, gptq, calib, output, device, resume, log, on_layer, world)
     except DistributedError:
         raise  # a collective failed: this rank reported itself while naming the lost ones
+    except Interrupted as e:  # torchrun stops every rank with SIGTERM once one has died: name that one
+        silent = world.report("interrupted")
+        if silent and world.under_agent:
+            raise Interrupted(f"rank {', '.join(map(str, silent))} of {world.size} died or stopped responding and the "
+                              f"launcher stopped the others; {e}") from None
+        raise
     except SolarQuantError as e:
         world.report(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
         raise
-    except BaseException as e:  # Ctrl-C / SIGTERM (the launcher stopping us), out of memory, a bug
-        world.report("interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+    except BaseException as e:  # Ctrl-C / SIGTERM on a rank other than 0, out of memory, a bug
+        silent = world.report("interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+        if silent and world.under_agent and isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"rank {', '.join(map(str, silent))} of {world.size} died or stopped responding and "
+                              f"the launcher stopped the others (rank {world.rank} interrupted; rank 0 keeps the "
+                              "job's last resume point)") from None
         raise
 
 
