@@ -6,7 +6,9 @@ Agreement: a 512 x 1024 weight, correlated synthetic activations, 4-bit g128, 3-
 and both again with the clipping search (mse 2.4, act-order swapped); RTN must match the CPU bit
 for bit (without clipping), GPTQ to float rounding. Timing: random weights and a Hessian from
 4096 random correlated tokens at the 70B shapes (q_proj 8192x8192, gate_proj 28672x8192,
-down_proj 8192x28672), one warm-up run first.
+down_proj 8192x28672), one warm-up run first. Compiled column loop (`--fused`, methods/gptq_fused.py):
+eager against compiled on CUDA at q_proj's shape (8192 x 8192, 4-bit g128, with and without
+act-order and clipping): seconds per solve (compiling timed apart) and how many codes differ (must be 0).
 """
 
 from __future__ import annotations
@@ -99,12 +101,48 @@ def timing() -> list[dict]:
     return rows
 
 
+def fused_check() -> list[dict]:
+    from solar_quant.methods.gptq_fused import compiled_columns
+
+    rows = []
+    fused = compiled_columns()
+    X = correlated(4096, 8192, "cuda")
+    H = accumulate_hessian(None, 0, X)[0]
+    del X
+    W = torch.randn(8192, 8192, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)) * 0.02
+    for actorder, mse in ((False, 0.0), (True, 0.0), (True, 2.4)):
+        spec = QuantSpec(4, 128, True, mse)
+        times = {}
+        for name, kw in (("eager", {}), ("compiled_first", {"fused": fused}), ("compiled", {"fused": fused})):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            q = gptq_quantize(W, H, spec, actorder=actorder, **kw)
+            torch.cuda.synchronize()
+            times[name] = round(time.perf_counter() - t, 2)
+            if name == "eager":
+                ref = q.intweight
+            else:
+                times[f"{name}_codes_differing"] = int((q.intweight != ref).sum())
+        row = {"N": 8192, "K": 8192, "bits": 4, "group_size": 128, "actorder": actorder, "mse": mse,
+               "seconds": times, "compiled_runs": fused.calls, "compile_failure": fused.failure}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     parser.add_argument("--agreement-only", action="store_true", help="skip the timing at 70B shapes")
+    parser.add_argument("--fused", action="store_true", help="only the compiled column loop against the eager one")
     args = parser.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.fused:
+        result["fused"] = fused_check()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     result["agreement"] = agreement()
     print(json.dumps(result), flush=True)
     result["timing"] = [] if args.agreement_only else timing()

@@ -156,7 +156,8 @@ def _build(src, out, calib, **opts):
     from solar_quant.options import GptqOptions, OutputOptions
     from solar_quant.pipeline.gptq import build_gptq_variant
 
-    output = OutputOptions(**{k: opts.pop(k) for k in ("shard_size", "rope_scaling", "overwrite") if k in opts})
+    output = OutputOptions(**{k: opts.pop(k) for k in ("shard_size", "rope_scaling", "overwrite", "checkpoint_every")
+                              if k in opts})
     return build_gptq_variant(src, out, GptqOptions(**opts), calib, output, log=lambda m: None)
 
 
@@ -214,6 +215,51 @@ def test_two_runs_give_byte_identical_folders(tiny_llama, tiny_calib, tmp_path):
     a = _build(tiny_llama, tmp_path / "a", tiny_calib, act_order=True, group_size=32)
     b = _build(tiny_llama, tmp_path / "b", tiny_calib, act_order=True, group_size=32)
     assert tree_digest(a) == tree_digest(b)
+
+
+def test_background_writes_give_the_bytes_of_writing_in_line_and_resume_points_follow_them(
+        tiny_llama, tiny_calib, tmp_path, monkeypatch):
+    """Layer i's tensors are written in a background thread while layer i + 1 is quantized: the
+    folder equals the in-line writer's byte for byte (small shards, so shards fill mid-layer),
+    every resume point is saved only after all tensors of the layers it counts were written, and
+    the writes really ran off the main thread."""
+    import threading
+
+    from solar_quant.checkpoint import writer as writer_mod
+    from solar_quant.pipeline import gptq as pipeline
+
+    events = []
+    add, save = writer_mod.ShardedWriter.add, pipeline.save_progress
+
+    def traced_add(self, name, tensor):
+        events.append(("add", name, threading.current_thread() is threading.main_thread()))
+        add(self, name, tensor)
+
+    def traced_save(job, writer, hidden, layers_done):
+        events.append(("save", layers_done, None))
+        save(job, writer, hidden, layers_done)
+
+    monkeypatch.setattr(writer_mod.ShardedWriter, "add", traced_add)
+    monkeypatch.setattr(pipeline, "save_progress", traced_save)
+    monkeypatch.setenv(pipeline.OVERLAP_ENV, "0")
+    inline = _build(tiny_llama, tmp_path / "inline", tiny_calib, act_order=True, group_size=32, shard_size=200_000,
+                    checkpoint_every=0)
+    assert all(on_main for kind, _, on_main in events if kind == "add")
+    events.clear()
+    monkeypatch.delenv(pipeline.OVERLAP_ENV)
+    overlapped = _build(tiny_llama, tmp_path / "bg", tiny_calib, act_order=True, group_size=32, shard_size=200_000,
+                        checkpoint_every=0)
+    assert tree_digest(overlapped) == tree_digest(inline)
+    layer_adds = [e for e in events if e[0] == "add" and e[1].startswith("model.layers.")]
+    assert layer_adds and not any(on_main for _, _, on_main in layer_adds)
+    written = set()
+    for kind, what, _ in events:
+        if kind == "add":
+            written.add(what)
+        else:  # all tensors of layers < layers_done are on disk
+            layers = {int(n.split(".")[2]) for n in written if n.startswith("model.layers.")}
+            assert layers == set(range(what)), (what, sorted(layers))
+    assert [w for k, w, _ in events if k == "save"] == [0, 1, 2]
 
 
 # -- resume ---------------------------------------------------------------------------------

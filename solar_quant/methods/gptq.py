@@ -61,7 +61,7 @@ def _half_gram(X: Tensor) -> Tensor | None:
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
                   actorder: bool = False, static_groups: bool = False,
-                  log: Callable[[str], None] | None = None) -> QuantizedWeight:
+                  log: Callable[[str], None] | None = None, fused: Callable | None = None) -> QuantizedWeight:
     """Quantize `W` [N, K] (Linear.weight) given the Hessian `H` [K, K] of its inputs.
 
     Columns are quantized one at a time (in descending diag(H) order with `actorder`); each
@@ -71,6 +71,10 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
     When groups are fitted on the fly, the block size is rounded to a multiple of the group
     size so that no group straddles a block and its grid sees all earlier updates (the lazy
     updates make the result independent of the block size up to float rounding).
+
+    `fused` (a `gptq_fused.CompiledColumns`): runs each block's columns, one run per grid, as
+    one compiled region; the loop below finishes a block wherever it returns None (compiling
+    failed), so the codes are the eager loop's either way.
     """
     W = W.to(torch.float32).clone()
     H = H.to(device=W.device, dtype=torch.float32).clone()
@@ -103,6 +107,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
     n_groups = spec.n_groups(columns)
     scales = torch.zeros(n_groups, rows, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(n_groups, rows, dtype=torch.int32, device=W.device)
+    scale = zero = None  # the grid of the column at hand
     if spec.group_size == -1:
         scale, zero = group_params(W, spec)
         scales[0], zeros[0] = scale, zero
@@ -117,9 +122,13 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
 
+        start = 0
+        if fused is not None:
+            start = _compiled_block(fused, W1, Q1, Err1, Hinv1, i1, spec, G, groups, static_column, scale, zero,
+                                    scales, zeros, log)
         # The column loop is thousands of small ops (on a GPU, bound by launches): every
         # statement below is one kernel; the losses are summed per block from Err1.
-        for i in range(count):
+        for i in range(start, count):
             w = W1[:, i]
             d = Hinv1[i, i]
 
@@ -150,6 +159,37 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
     stats = {"loss": float(Losses.sum()), "cholesky_retries": retries, "dead_columns": int(dead.sum()),
              "damp_used": damp_used, "row_losses": Losses}
     return assemble(codes, scales, zeros, g_idx, damp_used=damp_used, stats=stats)
+
+
+def _compiled_block(fused: Callable, W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1: Tensor, i1: int, spec: QuantSpec,
+                    G: int, groups, static_column, scale, zero, scales: Tensor, zeros: Tensor, log) -> int:
+    """The block's columns through `fused`, one call per run of columns that share a grid
+    (a group fitted on the fly: its G columns; otherwise the whole block), with the grids the
+    eager loop would use; W1, Q1, Err1 (and `scales`/`zeros` for groups fitted here) are filled
+    in place. Returns the number of columns done: all of them, or where a call returned None."""
+    rows, count = W1.shape
+    maxq = torch.tensor(float(spec.maxq), device=W1.device)
+    on_the_fly = spec.group_size != -1 and groups is None
+    step = G if on_the_fly else count
+    for a in range(0, count, step):
+        b = min(a + step, count)
+        if on_the_fly:
+            scale, zero = group_params(W1[:, a:b], spec)
+        if groups is not None:
+            cols = [i1 + i if static_column is None else static_column[i1 + i] for i in range(a, b)]
+            S = torch.stack([groups[c // G][0] for c in cols], dim=1)
+            Z = torch.stack([groups[c // G][1] for c in cols], dim=1)
+        else:
+            S = scale[:, None].expand(rows, b - a).contiguous()
+            Z = zero[:, None].expand(rows, b - a).contiguous()
+        # contiguous: the compiled regions are specialised on strides; one serves every matrix
+        done = fused(W1[:, a:].contiguous(), Hinv1[a:, a:].contiguous(), S, Z, maxq, log=log)
+        if done is None:
+            return a
+        Q1[:, a:b], Err1[:, a:b], W1[:, b:] = done
+        if on_the_fly:
+            scales[(i1 + a) // G], zeros[(i1 + a) // G] = scale, zero
+    return count
 
 
 def gptq_quantize_shared(weights: list[Tensor], H: Tensor, spec: QuantSpec, **kwargs) -> list[QuantizedWeight]:

@@ -7,8 +7,10 @@ once, their Hessian, one solve, the dequantized weights written back; the last s
 next layer's inputs), write its packed tensors, and free it. A resume point
 (job + hidden states, `job.py`) is saved once `--checkpoint-every` seconds have passed since the last.
 Layer i + 1's tensors are read in a background thread (`_LayerPrefetch`) while layer i is
-quantized. Memory holds two layers (that one and the next), two copies of the calibration
-activations and one Hessian at a time.
+quantized, and layer i's packed tensors are written in another (`_LayerWrites`, one layer
+queued) while layer i + 1 is quantized; layer i's resume point follows once its bytes are
+written. Memory holds two layers (that one and the next), one layer's packed tensors, two
+copies of the calibration activations and one Hessian at a time.
 
 The pieces: `preflight` (checks before work, shared with bnb), `layer_quant` (one layer; torch
 and transformers only), `placement` (where the activations live), `job` (resume), `records`
@@ -34,6 +36,7 @@ from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
 from solar_quant.devices import compute_dtype, resolve_device
 from solar_quant.errors import (DistributedError, InputError, Interrupted, NumericsError, OptionError, OutputError,
                                 SolarQuantError)
+from solar_quant.methods.gptq_fused import COLUMN_LOOP_ENV, COLUMN_LOOPS
 from solar_quant.options import GptqOptions, OutputOptions
 from solar_quant.pipeline import records
 from solar_quant.pipeline.distributed import World
@@ -52,6 +55,7 @@ __all__ = ["build_gptq_variant", "layer_config", "quantize_layer", "collect_hess
            "stop_hook_from_env", "PARTIAL_GROUP_REFUSERS", "STOP_ENV"]
 
 CHUNK_TOKENS = 4096  # calibration tokens per forward chunk
+OVERLAP_ENV = "SOLAR_QUANT_OVERLAP_WRITES"  # "0": write each layer in line instead of in the background
 STOP_ENV = "SOLAR_QUANT_STOP_AFTER_LAYER"  # test hook: "k" (after layer k is saved), "k:unsaved" or "k:term"
 STOP_RANK_ENV = "SOLAR_QUANT_STOP_RANK"  # with STOP_ENV under torchrun: only this rank stops (default: every rank)
 
@@ -137,7 +141,8 @@ def _build(src, out, gptq: GptqOptions, calib, output: OutputOptions, device: st
         world.share({"error": (type(e).__name__, str(e))})  # every rank ends with the same refusal
         raise
     world.share({"layers_done": job.layers_done, "fresh": job.writer_state is None})
-    run = _Run(source, staged, job, cfg, calib, output, dev, options, warnings, log, hook, gptq.equalize, world)
+    run = _Run(source, staged, job, cfg, calib, output, dev, options, warnings, log, hook, gptq.equalize, world,
+               overlap_writes=_overlap_writes())
     # The CLI turns SIGTERM into KeyboardInterrupt (solar_quant.signals), so both land below.
     try:
         _run(run)
@@ -206,7 +211,21 @@ def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
     """The options as the per-layer quantizer takes them (the one translation)."""
     return LayerQuantConfig(method=gptq.method, bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym,
                             mse=gptq.mse, act_order=gptq.act_order, static_groups=gptq.static_groups,
-                            damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential)
+                            damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential,
+                            column_loop=column_loop_from_env())
+
+
+def _overlap_writes() -> bool:
+    return os.environ.get(OVERLAP_ENV, "1").strip() != "0"
+
+
+def column_loop_from_env() -> str:
+    """$SOLAR_QUANT_COLUMN_LOOP: "auto" (compiled on CUDA, eager elsewhere), "eager" or "compiled".
+    Both loops give the same codes; the variable only picks the speed (methods/gptq_fused.py)."""
+    value = (os.environ.get(COLUMN_LOOP_ENV) or "auto").strip().lower()
+    if value not in COLUMN_LOOPS:
+        raise OptionError(f"{COLUMN_LOOP_ENV}={value!r} is not a column loop; use one of {', '.join(COLUMN_LOOPS)}")
+    return value
 
 
 def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions | LayerQuantConfig, bar, log,
@@ -267,6 +286,7 @@ class _Run:
     on_layer: LayerHook | None
     equalize: bool = False  # fold activation-aware scales into each layer first (pipeline/equalize.py)
     world: World = field(default_factory=World)
+    overlap_writes: bool = True  # write layer i while layer i + 1 is quantized (_LayerWrites)
 
 
 def _run(run: _Run) -> None:
@@ -329,42 +349,112 @@ def _run(run: _Run) -> None:
 
 def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch, layer_bar, linear_bar) -> None:
     """The decoder layers from the job's next one: quantize, write, resume point. Layer i + 1's
-    tensors are read in the background while layer i is quantized."""
-    shape, output = run.source.shape, run.output
-    hook = run.on_layer or (lambda i, stage: None)
-    saved_at = time.monotonic()  # a resume point is saved when --checkpoint-every seconds have passed
+    tensors are read in the background while layer i is quantized, and layer i's tensors are
+    written in the background (`_LayerWrites`) while layer i + 1 is quantized; layer i's resume
+    point is saved once its bytes are written (after layer i + 1's quantization, or at once for
+    the last layer or when the run stops)."""
+    shape = run.source.shape
+    writes = _LayerWrites(writer, overlap=run.overlap_writes)
+    pending = None  # (layer index, its record) written in the background, not yet committed
+    clock = {"saved_at": time.monotonic()}  # a resume point is saved when --checkpoint-every seconds have passed
     prefetch.start(job.layers_done)
     world = run.world
-    for i in range(job.layers_done, shape.layers):
-        world.where = f"on layer {i}"
-        layer = prefetch.take(i)
-        if i + 1 < shape.layers:
-            prefetch.start(i + 1)
-        equalized = None
-        if run.equalize:  # fold the scales first (pipeline/equalize.py); the layer's function is unchanged
-            equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
-            save_scales(run.staged.staging, i, scales)
-        hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
-        quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log, out=spare,
-                                            world=world if world.distributed else None)
-        if equalized is not None:
-            record["equalization"] = equalized
-        if runner is not None and hessian_runner is None:
-            runner.forward(layer, hidden, out=spare)
-        if runner is not None:  # the layer's outputs, in `spare`, are the next layer's inputs
-            hidden, spare = spare, hidden
-        if writer is not None:
-            _write_layer(writer, reader, i, quantized, layer if run.equalize else None)
-        del layer, quantized
-        reader.release()  # close the memory maps so pages of finished layers stop counting as ours
-        job.records.append(record)
-        hook(i, "written")
-        last = i + 1 == shape.layers
-        if world.share(last or time.monotonic() - saved_at >= output.checkpoint_every):  # rank 0's clock decides
-            _save_point(run, writer, None if last else hidden, i + 1)
-            saved_at = time.monotonic()
-        hook(i, "saved")
-        layer_bar.step(f"done: model.layers.{i}")
+    try:
+        for i in range(job.layers_done, shape.layers):
+            world.where = f"on layer {i}"
+            layer = prefetch.take(i)
+            if i + 1 < shape.layers:
+                prefetch.start(i + 1)
+            equalized = None
+            if run.equalize:  # fold the scales first (pipeline/equalize.py); the layer's function is unchanged
+                equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
+                save_scales(run.staged.staging, i, scales)
+            hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
+            quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log,
+                                                out=spare, world=world if world.distributed else None)
+            if equalized is not None:
+                record["equalization"] = equalized
+            if runner is not None and hessian_runner is None:
+                runner.forward(layer, hidden, out=spare)
+            if pending is not None:  # layer i - 1: its bytes, then its resume point (`hidden` enters layer i)
+                done, pending = pending, None
+                _commit_layer(run, writes, job, writer, hidden, *done, clock, layer_bar)
+            if runner is not None:  # the layer's outputs, in `spare`, are the next layer's inputs
+                hidden, spare = spare, hidden
+            tensors = [] if writer is None else _layer_tensors(reader, i, quantized, layer if run.equalize else None)
+            del layer, quantized
+            reader.release()  # close the memory maps so pages of finished layers stop counting as ours
+            writes.submit(i, tensors)
+            del tensors
+            pending = (i, record)
+        if pending is not None:
+            done, pending = pending, None
+            _commit_layer(run, writes, job, writer, hidden, *done, clock, layer_bar)
+    except (KeyboardInterrupt, Interrupted):
+        if pending is not None and not world.distributed:  # the resume point the layer would have had in line
+            done, pending = pending, None
+            _commit_layer(run, writes, job, writer, hidden, *done, clock, layer_bar)
+        raise
+    finally:
+        writes.close()
+
+
+def _commit_layer(run: _Run, writes: "_LayerWrites", job: Job, writer, hidden, i: int, record: dict, clock: dict,
+                  layer_bar) -> None:
+    """Layer i is done once its tensors are written: its record, then its resume point if one is
+    due (`hidden`: the states entering layer i + 1, None after the last layer)."""
+    writes.wait(i)
+    job.records.append(record)
+    hook = run.on_layer or (lambda i, stage: None)
+    hook(i, "written")
+    last = i + 1 == run.source.shape.layers
+    if run.world.share(last or time.monotonic() - clock["saved_at"] >= run.output.checkpoint_every):  # rank 0's clock
+        _save_point(run, writer, None if last else hidden, i + 1)
+        clock["saved_at"] = time.monotonic()
+    hook(i, "saved")
+    layer_bar.step(f"done: model.layers.{i}")
+
+
+class _LayerWrites:
+    """Writes one layer's tensors at a time through the `ShardedWriter` in one background thread,
+    so the next layer's quantization overlaps them. At most one layer is queued: `submit` refuses
+    a second before `wait` has returned for the first. Every write goes through this one thread
+    in layer order, so the shards are byte for byte those of writing in line; a write error is
+    raised by `wait`. `overlap` False: each layer is written in `submit` itself."""
+
+    def __init__(self, writer: ShardedWriter | None, overlap: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-write") if overlap else None
+        self._pending: tuple[int, object] | None = None
+
+    def submit(self, i: int, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        if self._pending is not None:
+            raise RuntimeError(f"layer {i} submitted before layer {self._pending[0]} was written")
+        if self._pool is None:
+            self._write(tensors)
+            self._pending = (i, None)
+        else:
+            self._pending = (i, self._pool.submit(self._write, tensors))
+
+    def _write(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in tensors:  # none on ranks other than 0 (they write nothing)
+            self._writer.add(name, tensor)
+
+    def wait(self, i: int) -> None:
+        """Return once layer i's tensors are written (raising the write's error)."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != i:
+            raise RuntimeError(f"layer {i} was not being written")
+        if pending[1] is not None:
+            pending[1].result()
+
+    def close(self) -> None:
+        """Let a write in flight finish (its error, if any, was or will not be asked for), then stop."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pending = None
 
 
 def _save_point(run: _Run, writer, hidden, layers_done: int) -> None:
@@ -428,17 +518,18 @@ def _load_layer(reader, config, i, dev, dtype):
     return layer
 
 
-def _write_layer(writer: ShardedWriter, reader: CheckpointReader, i: int, quantized: dict, equalized=None) -> None:
-    """The layer's tensors; the norms are the source's, or the equalized layer's folded ones."""
+def _layer_tensors(reader: CheckpointReader, i: int, quantized: dict, equalized=None) -> list[tuple[str, torch.Tensor]]:
+    """The layer's tensors in the order they are written; the norms are the source's, or the
+    equalized layer's folded ones, copied out of the memory maps (released before they are written)."""
     prefix = layer_prefix(i)
 
     def norm(name):
         if equalized is not None:
-            return equalized.get_submodule(name).weight.detach().to("cpu", torch.float16)
-        return reader.get(prefix + name + ".weight").to(torch.float16)
+            return equalized.get_submodule(name).weight.detach().to("cpu", torch.float16).clone()
+        return reader.get(prefix + name + ".weight").to(torch.float16).clone()
 
-    writer.add(prefix + "input_layernorm.weight", norm("input_layernorm"))
+    tensors = [(prefix + "input_layernorm.weight", norm("input_layernorm"))]
     for name in quantized:
-        for key, tensor in sorted(quantized[name].items()):
-            writer.add(f"{prefix}{name}.{key}", tensor)
-    writer.add(prefix + "post_attention_layernorm.weight", norm("post_attention_layernorm"))
+        tensors += [(f"{prefix}{name}.{key}", tensor) for key, tensor in sorted(quantized[name].items())]
+    tensors.append((prefix + "post_attention_layernorm.weight", norm("post_attention_layernorm")))
+    return tensors

@@ -24,6 +24,7 @@ from solar_quant.errors import NumericsError
 from solar_quant.formats.gptq_v1 import pack
 from solar_quant.methods.gptq import (accumulate_hessian, gptq_quantize, gptq_quantize_shared, split_rows,
                                      stacked_rows)
+from solar_quant.methods.gptq_fused import column_loop_for, compiled_columns
 from solar_quant.methods.grid import QuantSpec
 from solar_quant.methods.quantized import assemble
 from solar_quant.methods.rtn import rtn_quantize
@@ -46,6 +47,7 @@ class LayerQuantConfig:
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    column_loop: str = "auto"  # GPTQ's column loop: "eager", "compiled" or "auto" (methods/gptq_fused.py)
 
     @property
     def spec(self) -> QuantSpec:
@@ -242,7 +244,13 @@ def _quantize_weights(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str,
         raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
                             "check the source weights (e.g. a zeroed layer norm) or the calibration data")
     return gptq_quantize_shared(Ws, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order,
-                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"))
+                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"),
+                                fused=_column_loop(Ws[0].device, cfg))
+
+
+def _column_loop(device: torch.device, cfg: LayerQuantConfig):
+    """The compiled column loop where `cfg.column_loop` picks it for `device`, else None (eager)."""
+    return compiled_columns() if column_loop_for(device, cfg.column_loop) == "compiled" else None
 
 
 def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log, world) -> list:
@@ -258,7 +266,7 @@ def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, lo
     W = stacked_rows(Ws, world.rows(n))
     q = gptq_quantize(W, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp,
                       actorder=cfg.act_order, static_groups=cfg.static_groups,
-                      log=(lambda m: log(f"{label}: {m}")) if world.is_main else None)
+                      log=(lambda m: log(f"{label}: {m}")) if world.is_main else None, fused=_column_loop(W.device, cfg))
     row_record = world.gather_rows(_row_sums(W, q.dequant, H), n)
     del W
     codes = world.gather_rows(q.intweight.to(torch.uint8), n).to(torch.int32)
