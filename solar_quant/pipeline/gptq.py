@@ -130,7 +130,7 @@ def _build(src, out, gptq: GptqOptions, calib, output: OutputOptions, device: st
 
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
     try:
-        job = open_job(staged, spec, resume, log, world.size)  # outside the try below: a refused --resume keeps the job
+        job = open_job(staged, spec, resume, log, world.size, records.ADDED_OPTIONS)  # outside the try below: a refused --resume keeps the job
     except KeyboardInterrupt:
         if has_saved_job(staged):
             raise Interrupted(f"interrupted; the job is kept in {staged.staging}: rerun the same command with "
@@ -210,7 +210,7 @@ def _follow(source: Source, out, spec: dict, cfg, calib, output, dev, options, w
 def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
     """The options as the per-layer quantizer takes them (the one translation)."""
     return LayerQuantConfig(method=gptq.method, bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym,
-                            mse=gptq.mse, act_order=gptq.act_order, static_groups=gptq.static_groups,
+                            mse=gptq.mse, clip="" if gptq.clip == "none" else gptq.clip, act_order=gptq.act_order, static_groups=gptq.static_groups,
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential,
                             column_loop=column_loop_from_env())
 
