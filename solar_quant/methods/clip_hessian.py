@@ -16,6 +16,12 @@ resolution.
 The candidates and the grid are `grid.py`'s (the same p, the same zero point, the same float16
 range clamp); only the measure of a candidate differs. Ties go to the widest range, as there.
 Pure tensors in and out; the work runs on `x.device`.
+
+Inside GPTQ a group's rounding error is partly undone by the columns quantized after it, so the
+error the layer's output keeps is not e H_gg e^T but e ((H_RR^-1)_gg)^-1 e^T, with R the columns
+not yet quantized (the group first): "gptq-loss" searches under that block. With U the upper
+Cholesky factor of H^-1 that GPTQ already holds, (H_RR^-1)_gg = U_gg^T U_gg (`schur_blocks`); its
+diagonal, 1 / U_jj^2 for a lone column, is the weighting of GPTQ's reported loss.
 """
 
 from __future__ import annotations
@@ -69,11 +75,23 @@ def group_blocks(H: Tensor, group_width: int) -> list[Tensor]:
     return [H[i:i + group_width, i:i + group_width].clone() for i in range(0, K, group_width)]
 
 
+def schur_blocks(Hinv: Tensor, group_width: int) -> list[Tensor]:
+    """Per group of `Hinv` [K, K] (GPTQ's upper Cholesky factor U of the damped H^-1), the block
+    (U_gg^T U_gg)^-1 = ((H_RR^-1)_gg)^-1 under which the group's error reaches the output when the
+    columns after it compensate (see the module text)."""
+    K = Hinv.shape[0]
+    out = []
+    for i in range(0, K, group_width):
+        U = Hinv[i:i + group_width, i:i + group_width].to(torch.float64)
+        out.append(torch.cholesky_inverse(U, upper=True).to(torch.float32))
+    return out
+
+
 def _weighting(H_gg: Tensor, clip: str, g: int) -> Tensor:
-    if clip not in ("hessian", "hessian-diag"):
-        raise ValueError(f"hessian_group_params needs spec.clip 'hessian' or 'hessian-diag', got {clip!r}")
+    if clip not in ("hessian", "hessian-diag", "gptq-loss"):
+        raise ValueError(f"hessian_group_params needs spec.clip 'hessian', 'hessian-diag' or 'gptq-loss', got {clip!r}")
     if H_gg.dim() == 1:
-        if clip == "hessian":
+        if clip != "hessian-diag":
             raise ValueError("clip 'hessian' needs the whole [g, g] block, got only its diagonal")
         weight = H_gg
     else:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
-from solar_quant.methods.clip_hessian import group_blocks, hessian_group_params
+from solar_quant.methods.clip_hessian import group_blocks, hessian_group_params, schur_blocks
 from solar_quant.methods.grid import QuantSpec, group_params, quantize
 from solar_quant.methods.quantized import QuantizedWeight, assemble
 
@@ -70,7 +70,10 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
     Hessian, `blocksize` columns at a time with lazy batch updates. Groups are fitted to the
     already-updated weights, or with `static_groups` to the original column groups up front.
     With `spec.clip` ("hessian", "hessian-diag") each group's clipping is searched under its
-    diagonal block of `H` (undamped; in quantization order: the permuted columns with act-order).
+    diagonal block of `H` (undamped; in quantization order: the permuted columns with act-order);
+    with "gptq-loss" under the block that GPTQ's own loss sees once the later columns compensate,
+    ((H^-1)_gg)^-1 of the damped H over the columns not yet quantized (`clip_hessian.schur_blocks`;
+    static groups, fitted before any column is quantized, use H's blocks).
     When groups are fitted on the fly, the block size is rounded to a multiple of the group
     size so that no group straddles a block and its grid sees all earlier updates (the lazy
     updates make the result independent of the block size up to float rounding).
@@ -100,9 +103,11 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    blocks = group_blocks(H, G) if spec.clip and groups is None else None
+    blocks = group_blocks(H, G) if spec.clip in ("hessian", "hessian-diag") and groups is None else None
 
     Hinv, damp_used, retries = _damped_inverse_cholesky(H, percdamp, log)
+    if spec.clip == "gptq-loss" and groups is None:
+        blocks = schur_blocks(Hinv, G)
     del H
 
     if spec.group_size != -1 and groups is None:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-CLIP_WEIGHTINGS = ("", "hessian", "hessian-diag")  # "": no Hessian-weighted search
+CLIP_WEIGHTINGS = ("", "hessian", "hessian-diag", "gptq-loss")  # "": no Hessian-weighted search
 _FP16 = torch.finfo(torch.float16)
 
 
@@ -52,7 +52,7 @@ class QuantSpec:
     group_size: int
     sym: bool
     mse: float = 0.0  # > 0: search a clipped range under this error norm (see the module text)
-    clip: str = ""  # "hessian" / "hessian-diag": search it under the group's Hessian block (clip_hessian.py)
+    clip: str = ""  # "hessian" / "hessian-diag" / "gptq-loss": search it under a Hessian block (clip_hessian.py)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:

@@ -39,8 +39,8 @@ def cli_options(name: str, flags: dict) -> dict:
     elif clip == "none":
         if flags.get("mse"):
             raise OptionError(f"--clip none and --mse {flags['mse']:g} contradict each other; drop one")
-    elif clip not in ("hessian", "hessian-diag"):
-        raise OptionError(f"--clip {clip!r}: expected none, mse, hessian or hessian-diag")
+    elif clip not in ("hessian", "hessian-diag", "gptq-loss"):
+        raise OptionError(f"--clip {clip!r}: expected none, mse, hessian, hessian-diag or gptq-loss")
     return fields
 
 
@@ -49,7 +49,7 @@ def describe_grid(o: dict, name: str) -> str:
     grouping = "no grouping" if g == -1 else f"group size {g}"
     clip = f"clipping search (norm {o['mse']}), " if o.get("mse") else ""
     clip += {"hessian": "Hessian-weighted clipping search, ", "hessian-diag": "clipping search weighted by the Hessian "
-             "diagonal, "}.get(o.get("clip") or "none", "")
+             "diagonal, ", "gptq-loss": "clipping search under GPTQ's loss, "}.get(o.get("clip") or "none", "")
     clip += "activation-aware equalization, " if o.get("equalize") else ""
     return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
             f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
