@@ -48,7 +48,31 @@ CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = m
     "3b-g128": (3, 128, False, 0.0),
     "4b-g128-act-mse": (4, 128, True, 2.4),
     "3b-g128-act-mse": (3, 128, True, 2.4),
+    # ours only, paired with the peer's run of PEER_OF[name] (the peer has no such step):
+    "4b-g128-act-mse-eq": (4, 128, True, 2.4),
+    "3b-g128-act-mse-eq": (3, 128, True, 2.4),
+    "4b-g128-act-hclip": (4, 128, True, 0.0),
+    "3b-g128-act-hclip": (3, 128, True, 0.0),
+    "4b-g128-act-hclip-eq": (4, 128, True, 0.0),
+    "3b-g128-act-hclip-eq": (3, 128, True, 0.0),
+    "4b-g128-act-hdiag-eq": (4, 128, True, 0.0),
+    "3b-g128-act-hdiag-eq": (3, 128, True, 0.0),
+    "4b-g128-static-mse-eq": (4, 128, True, 2.4),
+    "3b-g128-static-mse-eq": (3, 128, True, 2.4),
+    "4b-g128-static-hclip-eq": (4, 128, True, 0.0),
+    "3b-g128-static-hclip-eq": (3, 128, True, 0.0),
 }
+OURS_EXTRA = {  # config -> flags only our run takes
+    "4b-g128-act-mse-eq": ["--equalize"], "3b-g128-act-mse-eq": ["--equalize"],
+    "4b-g128-act-hclip": ["--clip", "hessian"], "3b-g128-act-hclip": ["--clip", "hessian"],
+    "4b-g128-act-hclip-eq": ["--clip", "hessian", "--equalize"], "3b-g128-act-hclip-eq": ["--clip", "hessian", "--equalize"],
+    "4b-g128-act-hdiag-eq": ["--clip", "hessian-diag", "--equalize"],
+    "3b-g128-act-hdiag-eq": ["--clip", "hessian-diag", "--equalize"],
+    "4b-g128-static-mse-eq": ["--static-groups", "--equalize"], "3b-g128-static-mse-eq": ["--static-groups", "--equalize"],
+    "4b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
+    "3b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
+}
+PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA}  # GPTQModel's best: act-order + its mse
 DAMP = 0.01
 BARS = {4: 0.5, 3: 0.2}  # issue 5, by bits: GPTQ's ppl excess <= BAR x RTN's excess (every config is reported)
 SAME_WITHIN = 1.01  # issue 5: our ppl and KL no worse than GPTQModel's within 1 %
@@ -64,14 +88,17 @@ def parse_reps(text: str) -> dict[str, int]:
     return out
 
 
-def schedule(reps: dict[str, int], one_thread: list[str] = (), floors: bool = True) -> list[dict]:
+def schedule(reps: dict[str, int], one_thread: list[str] = (), floors: bool = True,
+             impls: tuple[str, ...] = ("ours", "theirs")) -> list[dict]:
     """Every run in execution order: A B A B ... per config, then (unless `floors` is off) the RTN
     floors and bnb-nf4, then diagnostic runs of ours with one intra-op thread (OMP_NUM_THREADS=1)
     for the configs named."""
     runs = []
     for name, n in reps.items():
         for rep in range(1, n + 1):
-            for impl in ("ours", "theirs"):
+            for impl in impls:
+                if impl == "theirs" and name in PEER_OF:  # the peer's run is that of its base config
+                    continue
                 runs.append({"id": f"{name}-{impl}-{rep}", "config": name, "impl": impl, "rep": rep})
     if floors:
         for bits, mse in sorted({(CONFIGS[n][0], CONFIGS[n][3]) for n in reps} | {(CONFIGS[n][0], 0.0) for n in reps},
@@ -110,7 +137,9 @@ def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
     if run["impl"] == "ours":
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "gptq", "--bits", str(bits),
                 "--group-size", str(group), "--damp", str(DAMP), "--calibration", str(calib),
-                "--act-order" if act else "--no-act-order", *clip]
+                "--act-order" if act else "--no-act-order", *clip, *OURS_EXTRA.get(run["config"], [])]
+    bits, group, act, mse = CONFIGS[PEER_OF.get(run["config"], run["config"])]
+    clip = ["--mse", str(mse)] if mse else []
     return [py, "-c", PEER_LAUNCH, model, str(out), "--calibration", str(calib), "--bits", str(bits),
             "--group-size", str(group), "--damp", str(DAMP)] + (["--act-order"] if act else []) + clip
 
@@ -178,7 +207,7 @@ def step_calibrate(args, doc) -> None:
 
 def step_quantize(args, doc, save) -> None:
     runs = doc.setdefault("runs", {})
-    for run in schedule(args.reps, args.one_thread, floors=not args.no_floors):
+    for run in schedule(args.reps, args.one_thread, floors=not args.no_floors, impls=tuple(args.impls.split(","))):
         if run["id"] in runs:
             continue
         quiet = benchlib.wait_for_quiet(args.quiet_load, args.max_wait, log=lambda m: print(m, flush=True))
@@ -259,7 +288,7 @@ def eval_options(args, max_tokens: int | None = None):
     from solar_quant.calibration.bundled import default_eval_text
     from solar_quant.options import EvalOptions
 
-    return EvalOptions(text=str(default_eval_text()), seqlen=args.eval_seqlen, max_tokens=max_tokens or args.max_tokens,
+    return EvalOptions(text=str(args.eval_text or default_eval_text()), seqlen=args.eval_seqlen, max_tokens=max_tokens or args.max_tokens,
                        passkey_trials=0, device="cpu", cache_dir=str(args.work / "baseline-cache"))
 
 
@@ -423,6 +452,10 @@ def main() -> None:
     ap.add_argument("--no-floors", action="store_true",
                     help="skip the RTN floors and bnb-nf4 (a quality-only draw of the peer pairs)")
     ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-text", type=Path, default=None,
+                    help="score on this text instead of the bundled held-out text (give each text its own --work)")
+    ap.add_argument("--impls", default="ours,theirs",
+                    help="which tools' runs to make: ours,theirs (a draw of ours alone pairs with a peer run elsewhere)")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--quiet-load", type=float, default=2.5)
     ap.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine before each run")
@@ -444,7 +477,8 @@ def main() -> None:
                                              "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,
                                              "seqlen": args.seqlen, "seed": args.calib_seed},
         "configs": {k: {"bits": b, "group_size": g, "act_order": a, "sym": True, "damp": DAMP, "true_sequential": True,
-                        "mse": m} for k, (b, g, a, m) in CONFIGS.items()},
+                        "mse": m, **({"ours_extra": OURS_EXTRA[k], "peer_run_of": PEER_OF[k]} if k in OURS_EXTRA else {})}
+                    for k, (b, g, a, m) in CONFIGS.items()},
         "reps": args.reps, "order": "per config: ours, theirs, ours, theirs, ... then RTN, bnb-nf4",
         "gptqmodel": "bench/gptqmodel_run.py: GPTQModel.load(dtype=float32, device=cpu), QuantizeConfig(format='gptq', "
                      "act_group_aware=False, sym=True, true_sequential=True, damp_percent=0.01, mse as the config), quantize(the artifact's "
@@ -453,7 +487,7 @@ def main() -> None:
         "measurement": "fresh child process per run; wall = parent monotonic clock; peak RSS = os.wait4 ru_maxrss",
         "eval": {"scored_as": "dense fp32 copy of the dequantized weights (densify); checked against the real "
                               "kernels on the first --runtime-check-tokens tokens (runtime_check)",
-                 "text": "solar_quant.calibration.bundled.default_eval_text()", "seqlen": args.eval_seqlen,
+                 "text": str(args.eval_text) if args.eval_text else "solar_quant.calibration.bundled.default_eval_text()", "seqlen": args.eval_seqlen,
                  "stride": args.eval_seqlen, "max_tokens": args.max_tokens, "dtype": "float32", "device": "cpu",
                  "kl": "mean KL(fp16 || variant) per token, baseline top-64 log-probs + rest mass"},
         "quiet_load": args.quiet_load,

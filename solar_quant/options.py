@@ -10,7 +10,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from solar_quant.errors import OptionError
 
@@ -52,6 +52,8 @@ class GptqOptions(Frozen):
     static_groups: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
     mse: float = Field(0.0, ge=0)  # > 0: clipping search per group under |error|**mse (GPTQ uses 2.4)
+    # the clipping search per group under the group's Hessian block (gptq only; methods/clip_hessian.py)
+    clip: Literal["none", "hessian", "hessian-diag", "gptq-loss"] = "none"
     block_size: int = Field(128, gt=0)
     true_sequential: bool = True
     equalize: bool = False  # activation-aware equalization before quantizing each layer (needs calibration)
@@ -62,6 +64,30 @@ class GptqOptions(Frozen):
         if v != -1 and v <= 0:
             raise ValueError("group_size must be a positive integer or -1 (no grouping)")
         return v
+
+    @model_validator(mode="after")
+    def _one_clipping(self) -> "GptqOptions":
+        if self.clip != "none" and self.mse:
+            raise ValueError(f"clip {self.clip!r} and mse {self.mse:g} are two measures for one clipping search; "
+                             "give one of them")
+        return self
+
+
+class AwqOptions(GptqOptions):
+    """AWQ written as GPTQ v1: activation-aware scales folded into the 16-bit norms and linears
+    (`pipeline/equalize.py`), then the GPTQ grid by round-to-nearest (`solver = "rtn"`, the
+    calibration set is read for the scales only) or by GPTQ's error feedback (`solver = "gptq"`)."""
+
+    method: Literal["awq"] = "awq"
+    solver: Literal["rtn", "gptq"] = "rtn"
+    equalize: Literal[True] = True  # what the method is; `--method rtn --equalize` is the same folder
+
+    @model_validator(mode="after")
+    def _clip_needs_hessians(self) -> "AwqOptions":
+        if self.clip != "none" and self.solver == "rtn":
+            raise ValueError(f"clip {self.clip!r} searches under the Hessians that only solver 'gptq' collects; "
+                             "use mse with solver 'rtn', or solver 'gptq'")
+        return self
 
 
 class OutputOptions(Frozen):
@@ -153,5 +179,7 @@ def build(model: type[Frozen], flag_prefix: str = "--", **values):
         return model(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a check across fields: its message names them
+            raise OptionError(str(err["msg"]).removeprefix("Value error, ")) from None
+        field = str(err["loc"][0])
         raise OptionError(f"{flag_prefix}{field.replace('_', '-')}: {err['msg']}") from None

@@ -38,6 +38,7 @@ BUILTIN_MODULES = (  # imported by name on first use, so nothing heavy runs at i
     "solar_quant.methods.entries.bnb",
     "solar_quant.methods.entries.gptq",
     "solar_quant.methods.entries.rtn",
+    "solar_quant.methods.entries.awq",
 )
 
 

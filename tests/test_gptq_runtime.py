@@ -107,3 +107,24 @@ def test_other_widths_load_and_match(smol4, calib, heldout, tmp_path, bits, grou
     out = _quantize(smol4, tmp_path / f"q{bits}", calib, bits=bits, group_size=group_size)
     assert bool(from_pretrained_kwargs(out)) == (group_size == 128)
     _assert_matches_reference(out, heldout)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("gptq", dict(bits=4, group_size=64, act_order=True, clip="hessian", equalize=True)),
+    ("rtn", dict(bits=3, group_size=128, equalize=True)),
+])
+def test_equalized_folder_loads_unmodified_and_matches(smol4, calib, heldout, tmp_path, method, opts):
+    """An equalized folder (AWQ scales folded into the 16-bit norms and o/down inputs) is plain GPTQ v1
+    to the client: transformers + optimum + GPTQModel load it as it is, and their logits match our
+    dequantization of its tensors (folded norms included)."""
+    from safetensors import safe_open
+
+    out = _quantize(smol4, tmp_path / f"eq-{method}", calib, method=method, **opts)
+    def norm(folder):
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                if "model.layers.0.input_layernorm.weight" in f.keys():
+                    return f.get_tensor("model.layers.0.input_layernorm.weight").float()
+
+    assert (out / "equalization").is_dir() and not torch.equal(norm(out), norm(smol4))  # the scales are folded in
+    _assert_matches_reference(out, heldout)

@@ -201,7 +201,7 @@ def test_recipe_validation_knows_the_toy_method(toy, tiny_llama, tmp_path):
     path.write_text(RECIPE.format(model=tiny_llama).replace("scale = 0.02", "scale = -1"))
     with pytest.raises(InputError, match=r"variants\.0\.quantize\.scale"):
         load_recipe(path)
-    path.write_text(RECIPE.format(model=tiny_llama).replace('"rtn-fixed"', '"awq"'))
+    path.write_text(RECIPE.format(model=tiny_llama).replace('"rtn-fixed"', '"quip-sharp"'))
     with pytest.raises(InputError, match=f"method must be one of .*{TOY}"):
         load_recipe(path)
 

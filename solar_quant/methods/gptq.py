@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
+from solar_quant.methods.clip_hessian import group_blocks, hessian_group_params, schur_blocks
 from solar_quant.methods.grid import QuantSpec, group_params, quantize
 from solar_quant.methods.quantized import QuantizedWeight, assemble
 
@@ -68,6 +69,11 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
     column's rounding error is spread over the columns not yet quantized through the inverse
     Hessian, `blocksize` columns at a time with lazy batch updates. Groups are fitted to the
     already-updated weights, or with `static_groups` to the original column groups up front.
+    With `spec.clip` ("hessian", "hessian-diag") each group's clipping is searched under its
+    diagonal block of `H` (undamped; in quantization order: the permuted columns with act-order);
+    with "gptq-loss" under the block that GPTQ's own loss sees once the later columns compensate,
+    ((H^-1)_gg)^-1 of the damped H over the columns not yet quantized (`clip_hessian.schur_blocks`;
+    static groups, fitted before any column is quantized, use H's blocks).
     When groups are fitted on the fly, the block size is rounded to a multiple of the group
     size so that no group straddles a block and its grid sees all earlier updates (the lazy
     updates make the result independent of the block size up to float rounding).
@@ -89,15 +95,19 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
 
     groups = None
     if static_groups and spec.group_size != -1:
-        groups = [group_params(W[:, i:i + G], spec) for i in range(0, columns, G)]
+        blocks = group_blocks(H, G) if spec.clip else None
+        groups = [_fit(W[:, i:i + G], blocks[j] if blocks else None, spec) for j, i in enumerate(range(0, columns, G))]
 
     perm = None
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+    blocks = group_blocks(H, G) if spec.clip in ("hessian", "hessian-diag") and groups is None else None
 
     Hinv, damp_used, retries = _damped_inverse_cholesky(H, percdamp, log)
+    if spec.clip == "gptq-loss" and groups is None:
+        blocks = schur_blocks(Hinv, G)
     del H
 
     if spec.group_size != -1 and groups is None:
@@ -109,7 +119,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
     zeros = torch.zeros(n_groups, rows, dtype=torch.int32, device=W.device)
     scale = zero = None  # the grid of the column at hand
     if spec.group_size == -1:
-        scale, zero = group_params(W, spec)
+        scale, zero = _fit(W, blocks[0] if blocks else None, spec)
         scales[0], zeros[0] = scale, zero
 
     static_column = perm.tolist() if (groups is not None and perm is not None) else None
@@ -125,7 +135,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
         start = 0
         if fused is not None:
             start = _compiled_block(fused, W1, Q1, Err1, Hinv1, i1, spec, G, groups, static_column, scale, zero,
-                                    scales, zeros, log)
+                                    scales, zeros, log, blocks)
         # The column loop is thousands of small ops (on a GPU, bound by launches): every
         # statement below is one kernel; the losses are summed per block from Err1.
         for i in range(start, count):
@@ -137,7 +147,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
                     column = i1 + i if static_column is None else static_column[i1 + i]
                     scale, zero = groups[column // G]
                 elif (i1 + i) % G == 0:
-                    scale, zero = group_params(W1[:, i:i + G], spec)
+                    scale, zero = _fit(W1[:, i:i + G], blocks[(i1 + i) // G] if blocks else None, spec)
                     scales[(i1 + i) // G], zeros[(i1 + i) // G] = scale, zero
 
             q = quantize(w, scale, zero, maxq)
@@ -162,7 +172,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, *, blocksize: int = 128
 
 
 def _compiled_block(fused: Callable, W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1: Tensor, i1: int, spec: QuantSpec,
-                    G: int, groups, static_column, scale, zero, scales: Tensor, zeros: Tensor, log) -> int:
+                    G: int, groups, static_column, scale, zero, scales: Tensor, zeros: Tensor, log,
+                    blocks: list[Tensor] | None = None) -> int:
     """The block's columns through `fused`, one call per run of columns that share a grid
     (a group fitted on the fly: its G columns; otherwise the whole block), with the grids the
     eager loop would use; W1, Q1, Err1 (and `scales`/`zeros` for groups fitted here) are filled
@@ -174,7 +185,7 @@ def _compiled_block(fused: Callable, W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1
     for a in range(0, count, step):
         b = min(a + step, count)
         if on_the_fly:
-            scale, zero = group_params(W1[:, a:b], spec)
+            scale, zero = _fit(W1[:, a:b], blocks[(i1 + a) // G] if blocks else None, spec)
         if groups is not None:
             cols = [i1 + i if static_column is None else static_column[i1 + i] for i in range(a, b)]
             S = torch.stack([groups[c // G][0] for c in cols], dim=1)
@@ -224,6 +235,13 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
                                      g_idx=q.g_idx, dequant=q.dequant[rows], damp_used=q.damp_used, stats=stats))
         start += n
     return parts
+
+
+def _fit(x: Tensor, H_gg: Tensor | None, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """A group's grid: searched under its Hessian block when `spec.clip` asks, else `group_params`."""
+    if spec.clip:
+        return hessian_group_params(x, H_gg, spec)
+    return group_params(x, spec)
 
 
 def _codes_of(Q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ One deliberate refinement, so that the file on disk reads back the same everywhe
 Optional clipping search (`mse > 0`, GPTQ's `Quantizer(mse=True)` and GPTQModel's `mse`): the range
 is shrunk by p = 1, 0.99, ..., 0.21 and each group keeps the p whose grid gives the smallest
 sum of |x - dequantized|**mse over the group (2.4 in GPTQ's code). Clipping a few outliers buys a
-finer grid for the rest.
+finer grid for the rest. The same search under the group's Hessian block instead of |error|**p is
+`clip_hessian.py` (`QuantSpec.clip`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+CLIP_WEIGHTINGS = ("", "hessian", "hessian-diag", "gptq-loss")  # "": no Hessian-weighted search
 _FP16 = torch.finfo(torch.float16)
 
 
@@ -50,6 +52,7 @@ class QuantSpec:
     group_size: int
     sym: bool
     mse: float = 0.0  # > 0: search a clipped range under this error norm (see the module text)
+    clip: str = ""  # "hessian" / "hessian-diag" / "gptq-loss": search it under a Hessian block (clip_hessian.py)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -58,6 +61,11 @@ class QuantSpec:
             raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
         if self.mse < 0:
             raise ValueError(f"mse must be 0 (off) or a positive norm, got {self.mse}")
+        if self.clip not in CLIP_WEIGHTINGS:
+            raise ValueError(f"clip must be one of {CLIP_WEIGHTINGS}, got {self.clip!r}")
+        if self.clip and self.mse:
+            raise ValueError("clip (Hessian-weighted search) and mse (|error|**p search) are two choices of one search; "
+                             "give one")
 
     @property
     def maxq(self) -> int:
@@ -78,6 +86,16 @@ def group_params(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     Returns (scale float32 [N], within float16's normal range; zero int32 [N]). The file keeps
     `stored_scales(scale)`."""
     x = x.float()
+    xmin, xmax = group_range(x, spec)
+    scale, zero = range_params(xmin, xmax, spec)
+    if spec.mse > 0:
+        scale, zero = _clipped_params(x, xmin, xmax, scale, zero, spec)
+    return scale, zero.to(torch.int32)
+
+
+def group_range(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The unclipped range [xmin, xmax] of each row of `x` [N, g] (float32), widened to include 0,
+    mirrored when symmetric; an all-zero row gets [-1, 1]."""
     zeros_n = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     xmin = torch.minimum(x.min(dim=1).values, zeros_n)
     xmax = torch.maximum(x.max(dim=1).values, zeros_n)
@@ -87,13 +105,15 @@ def group_params(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale, zero = _range_params(xmin, xmax, spec)
-    if spec.mse > 0:
-        scale, zero = _clipped_params(x, xmin, xmax, scale, zero, spec)
-    return scale, zero.to(torch.int32)
+    return xmin, xmax
 
 
-def _range_params(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def shrink_factors(device: torch.device, grid: int = 100, maxshrink: float = 0.8) -> Tensor:
+    """The clipping search's candidates p = 1, 0.99, ..., 0.21 (float32)."""
+    return 1 - torch.arange(int(maxshrink * grid), dtype=torch.float32, device=device) / grid
+
+
+def range_params(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """The grid spanning [xmin, xmax] per row: (float32 scale, zero as float32)."""
     maxq = spec.maxq
     scale = (xmax - xmin) / maxq
@@ -113,12 +133,12 @@ def _clipped_params(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: 
     The shrink factors are tried a chunk at a time, [chunk, N, g]: on a GPU up to 2**26 elements,
     a few dozen kernels per group instead of hundreds; on a CPU up to 2**21, which stays in cache
     (SmolLM2's 1536 x 128 groups: 0.045 s per group, 0.33 s with 2**26)."""
-    shrink = 1 - torch.arange(int(maxshrink * grid), dtype=torch.float32, device=x.device) / grid
+    shrink = shrink_factors(x.device, grid, maxshrink)
     budget = 2**26 if x.device.type == "cuda" else 2**21
     chunk = max(1, min(len(shrink), budget // max(1, x.numel())))
     best = torch.full_like(scale, math.inf)
     for p in shrink.split(chunk):
-        scale1, zero1 = _range_params(p[:, None] * xmin, p[:, None] * xmax, spec)  # [chunk, N]
+        scale1, zero1 = range_params(p[:, None] * xmin, p[:, None] * xmax, spec)  # [chunk, N]
         s, z = scale1[..., None], zero1[..., None]
         err = (dequantize(quantize(x, s, z, spec.maxq), s, z) - x).abs_().pow_(spec.mse).sum(dim=2)
         err, k = err.min(dim=0)  # the first (widest) range wins ties, as in the one-by-one search

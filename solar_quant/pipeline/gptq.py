@@ -108,7 +108,7 @@ def _build(src, out, gptq: GptqOptions, calib, output: OutputOptions, device: st
     reader, shape = source.reader, source.shape
     if gptq.method == "gptq" or gptq.equalize:
         if calib is None:
-            need = "--method gptq" if gptq.method == "gptq" else "--equalize"
+            need = f"--method {gptq.method}" if gptq.method in ("gptq", "awq") else "--equalize"
             raise OptionError(f"{need} needs calibration data: pass --calibration DIR or calibration flags")
         check_calibration(reader, calib, shape)
         world.check_samples(int(calib.input_ids.shape[0]))
@@ -130,7 +130,7 @@ def _build(src, out, gptq: GptqOptions, calib, output: OutputOptions, device: st
 
     staged = StagedFolder(out, overwrite=output.overwrite, resume=resume)
     try:
-        job = open_job(staged, spec, resume, log, world.size)  # outside the try below: a refused --resume keeps the job
+        job = open_job(staged, spec, resume, log, world.size, records.ADDED_OPTIONS)  # outside the try below: a refused --resume keeps the job
     except KeyboardInterrupt:
         if has_saved_job(staged):
             raise Interrupted(f"interrupted; the job is kept in {staged.staging}: rerun the same command with "
@@ -209,8 +209,8 @@ def _follow(source: Source, out, spec: dict, cfg, calib, output, dev, options, w
 
 def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
     """The options as the per-layer quantizer takes them (the one translation)."""
-    return LayerQuantConfig(method=gptq.method, bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym,
-                            mse=gptq.mse, act_order=gptq.act_order, static_groups=gptq.static_groups,
+    return LayerQuantConfig(method=getattr(gptq, "solver", gptq.method), bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym,
+                            mse=gptq.mse, clip="" if gptq.clip == "none" else gptq.clip, act_order=gptq.act_order, static_groups=gptq.static_groups,
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential,
                             column_loop=column_loop_from_env())
 
@@ -339,7 +339,7 @@ def _run(run: _Run) -> None:
     staged.write_json("config.json", variant_config(reader.config, qcfg, run.source.rope))
     staged.write_json("quantize_config.json", qcfg)
     copy_side_files(reader, staged)
-    record = records.run_record(reader, run.cfg.method, run.options, calib, job.records, run.warnings)
+    record = records.run_record(reader, run.options.get("method", run.cfg.method), run.options, calib, job.records, run.warnings)
     if run.equalize:
         record["equalization"] = equalization_card()
     if run.world.distributed:  # each rank's samples and the Hessian sums depend on it

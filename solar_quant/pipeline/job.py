@@ -71,16 +71,20 @@ class Job:
                               f"this run has {procs(world_size)}; resume it with {procs(self.world_size)} "
                               "(torchrun --nproc-per-node/--nnodes), or drop --resume to start over")
 
-    def check_matches(self, spec: dict) -> None:
-        """Raise OptionError listing every option or input that differs from the saved job."""
+    def check_matches(self, spec: dict, absent_means: dict | None = None) -> None:
+        """Raise OptionError listing every option or input that differs from the saved job.
+
+        `absent_means`: options added after some jobs were saved, with the value that reproduces what
+        such a job did; a job saved without one of them matches that value."""
         from solar_quant.checkpoint.identity import changes
 
         old_files, new_files = self.spec.get("inputs", {}).get("source_files"), spec.get("inputs", {}).get("source_files")
         diffs = changes(old_files, new_files or {}, "source") if old_files != new_files else []  # naming each file
         for section in ("options", "inputs"):
             old, new = self.spec.get(section, {}), spec.get(section, {})
+            later = (absent_means or {}) if section == "options" else {}
             for key in sorted((set(old) | set(new)) - {"source_files"}):
-                if old.get(key) != new.get(key):
+                if old.get(key, later.get(key)) != new.get(key, later.get(key)):
                     diffs.append(f"{INPUT_NAMES.get(key, key)} {_short(old.get(key))} -> {_short(new.get(key))}")
         if diffs:
             raise OptionError(f"--resume: the interrupted job in {self.folder} was started with different "
@@ -136,9 +140,10 @@ def source_files(reader) -> dict:
     return source_identity(reader.path, reader.shards, SIDE_FILES)
 
 
-def open_job(staged: StagedFolder, spec: dict, resume: bool, log, world_size: int = 1) -> Job:
+def open_job(staged: StagedFolder, spec: dict, resume: bool, log, world_size: int = 1,
+             absent_means: dict | None = None) -> Job:
     """The job to run in `staged`: a new one, or with `resume` the interrupted one (its spec and
-    number of processes checked)."""
+    number of processes checked; `absent_means` as in `Job.check_matches`)."""
     job = Job.load(staged.staging) if resume else None
     if job is None:
         if resume:
@@ -146,7 +151,7 @@ def open_job(staged: StagedFolder, spec: dict, resume: bool, log, world_size: in
             staged.reset()  # whatever a job-less staging folder holds is not ours to continue from
         return Job(staged.staging, spec, world_size=world_size)
     job.check_world_size(world_size)
-    job.check_matches(spec)
+    job.check_matches(spec, absent_means)
     log(f"resuming: {job.layers_done} layers already done in {staged.staging}")
     return job
 

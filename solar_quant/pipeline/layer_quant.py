@@ -42,6 +42,7 @@ class LayerQuantConfig:
     group_size: int = 128  # -1: one group per output row
     sym: bool = True
     mse: float = 0.0
+    clip: str = ""  # "hessian" / "hessian-diag": clipping searched under each group's Hessian block
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
@@ -51,7 +52,7 @@ class LayerQuantConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym, self.mse)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.mse, self.clip)
 
     @property
     def needs_calibration(self) -> bool:

@@ -11,6 +11,11 @@ PARTIAL_GROUP_REFUSERS = ("transformers' default CPU kernel for 4-bit (GPTQModel
                           "vLLM Marlin kernels")
 
 
+# Options added after the first jobs were saved, with the value that does what those jobs did: a
+# resume point saved before an option existed matches a run that leaves it at this value.
+ADDED_OPTIONS = {"equalize": False, "clip": "none"}
+
+
 def recorded_options(gptq, output, device) -> dict:
     """The options of a run as recorded: the method's, then the output's, then the device kind."""
     return {**gptq.model_dump(), "rope_scaling": output.rope_scaling, "shard_size": output.shard_size,

@@ -40,6 +40,7 @@ def quantize(
     sym: Annotated[bool, typer.Option("--sym/--asym", help="gptq/rtn: symmetric or asymmetric grid.")] = True,
     damp: Annotated[float, typer.Option("--damp", help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
     mse: Annotated[float, typer.Option("--mse", help="gptq/rtn: search each group's clipped range under |error|**NORM (2.4 as in GPTQ); 0: min/max range.")] = 0.0,
+    clip: Annotated[Optional[str], typer.Option("--clip", metavar="SEARCH", help="gptq: per-group clipping search: mse (under |error|**NORM, NORM from --mse, 2.4 by default), hessian (under the group's Hessian block), hessian-diag (its diagonal), gptq-loss (the block GPTQ's loss sees after error feedback), none.")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="gptq: columns per lazy-update block.")] = 128,
     equalize: Annotated[bool, typer.Option("--equalize", help="gptq/rtn: activation-aware equalization (AWQ scales folded into the 16-bit norms and linears) before quantizing; needs calibration.")] = False,
     calibration: o.CalibrationArtifact = None,
@@ -77,7 +78,7 @@ def quantize(
     entry = registry.method(method)
     flags = dict(double_quant=double_quant, compute_dtype=compute_dtype, skip_modules=skip_modules, bits=bits,
                  group_size=group_size, act_order=act_order, static_groups=static_groups, sym=sym, damp=damp, mse=mse,
-                 block_size=block_size, equalize=equalize)
+                 clip=clip, block_size=block_size, equalize=equalize)
     options = build(entry.options, **entry.cli_options(flags))
     world = _join_world(entry, method, device, out)
     try:

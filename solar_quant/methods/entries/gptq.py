@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from solar_quant.errors import OptionError
 from solar_quant.options import GptqOptions
 from solar_quant.registry import MethodEntry, Variant, register_method
 
-GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "block_size", "equalize")
+GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "clip", "block_size", "equalize")
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None,
@@ -23,14 +24,32 @@ def variant(options: GptqOptions) -> Variant:
                    sym=options.sym)
 
 
+DEFAULT_MSE_NORM = 2.4  # `--clip mse` without `--mse`: GPTQ's own norm
+
+
 def cli_options(name: str, flags: dict) -> dict:
-    return {"method": name, **{k: flags[k] for k in GPTQ_FLAGS}}
+    """quantize's flags -> GptqOptions fields. `--clip mse|hessian|hessian-diag|none` picks the clipping
+    search; `--mse NORM` alone keeps meaning `--clip mse` with that norm."""
+    fields = {"method": name, **{k: flags[k] for k in GPTQ_FLAGS if k in flags}}
+    clip = flags.get("clip")
+    if clip is None:
+        fields["clip"] = "none"
+    elif clip == "mse":
+        fields.update(clip="none", mse=flags.get("mse") or DEFAULT_MSE_NORM)
+    elif clip == "none":
+        if flags.get("mse"):
+            raise OptionError(f"--clip none and --mse {flags['mse']:g} contradict each other; drop one")
+    elif clip not in ("hessian", "hessian-diag", "gptq-loss"):
+        raise OptionError(f"--clip {clip!r}: expected none, mse, hessian, hessian-diag or gptq-loss")
+    return fields
 
 
 def describe_grid(o: dict, name: str) -> str:
     g = o.get("group_size")
     grouping = "no grouping" if g == -1 else f"group size {g}"
     clip = f"clipping search (norm {o['mse']}), " if o.get("mse") else ""
+    clip += {"hessian": "Hessian-weighted clipping search, ", "hessian-diag": "clipping search weighted by the Hessian "
+             "diagonal, ", "gptq-loss": "clipping search under GPTQ's loss, "}.get(o.get("clip") or "none", "")
     clip += "activation-aware equalization, " if o.get("equalize") else ""
     return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
             f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
@@ -51,7 +70,8 @@ def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int
     from solar_quant.pipeline.dry_run import gptq_compute_s, io_seconds
 
     io = io_seconds(source_bytes)
-    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=getattr(options, "mse", 0) > 0)
+    clip = getattr(options, "mse", 0) > 0 or getattr(options, "clip", "none") != "none"
+    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=clip)
     return 0.6 * compute + io, 1.6 * compute + 2 * io
 
 

@@ -4,11 +4,19 @@ by the same layer-by-layer driver."""
 from __future__ import annotations
 
 from solar_quant.methods.entries import gptq
+from solar_quant.errors import OptionError
 from solar_quant.options import GptqOptions
 from solar_quant.registry import MethodEntry, register_method
 
 
+def check_options(options: GptqOptions) -> None:
+    if options.clip != "none":
+        raise OptionError(f"--clip {options.clip}: the Hessian-weighted clipping search needs the Hessians that only "
+                          "--method gptq collects; use --clip mse with rtn, or --method gptq")
+
+
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):
+    check_options(options)
     # --equalize measures activations: then the calibration set is used (for the scales only)
     return gptq.build(src, out, options, calib if options.equalize else None, output, device=device, resume=resume, log=log)
 
@@ -32,4 +40,4 @@ register_method(MethodEntry(
     name="rtn", options=GptqOptions, format="gptq", summary="round-to-nearest on the GPTQ grid, no calibration",
     build=build, variant=gptq.variant, describe=lambda o: gptq.describe_grid(o, "round-to-nearest (RTN), GPTQ v1 layout,"),
     cli_options=lambda flags: gptq.cli_options("rtn", flags), host_memory=host_memory, time_range=time_range,
-    needs_calibration=False, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit", "rtn")))
+    needs_calibration=False, check_options=check_options, streams="decoder layer", card_tags=lambda o: ("gptq", f"{o['bits']}-bit", "rtn")))
