@@ -96,7 +96,8 @@ class Recipe(Frozen):
         return v
 
     def needs_calibration(self) -> bool:
-        return any(registry.method(v.quantize.method).needs_calibration for v in self.variants)
+        return any(registry.method(v.quantize.method).needs_calibration or getattr(v.quantize, "equalize", False)
+                   for v in self.variants)  # rtn with equalize = true measures activations too
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -348,7 +348,7 @@ CASES = {
     "device-garbage": _option("--device", "tpu", needles=("--device", "tpu")),
     "device-garbage-bnb": _option("--device", "banana", method=("--method", "bnb-nf4"), needles=("--device", "banana")),
     "device-cuda-bnb": _option("--device", "cuda:7", method=("--method", "bnb-int8"), needles=("--device cuda:7",)),
-    "method-unknown": _option(method=("--method", "awq"), needles=("--method", "awq")),
+    "method-unknown": _option(method=("--method", "quip-sharp"), needles=("--method", "quip-sharp")),
     "double-quant-int8": _option("--double-quant", method=("--method", "bnb-int8"), needles=("--double-quant",)),
     "skip-modules-bad-regex": _option("--skip-modules", "lm_head(", method=("--method", "bnb-nf4"),
                                       needles=("--skip-modules",)),

@@ -94,7 +94,7 @@ def test_recipe_with_a_typo_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("text,needle", [
     ("name = 't'\n[model\n", "line 2"),
-    (GOOD.replace('method = "gptq"', 'method = "awq"'), "method must be one of"),
+    (GOOD.replace('method = "gptq"', 'method = "quip-sharp"'), "method must be one of"),
     (GOOD.replace("bits = 4", "bits = 5"), "bits"),
     (GOOD.replace('name = "v"', 'name = "v"\nrope_scaling = "dynamic:0.5"'), "dynamic:0.5"),
     (GOOD.replace('name = "v"', 'name = "v"\nrope_scaling = "warp:2"'), "rope_scaling"),

@@ -186,7 +186,7 @@ def _quantize(recipe: Recipe, v: VariantSection, model_path: Path, root: Path, c
 
         log_gptq_estimate(model_path, calib, recipe.device, v.quantize, log)
     extra = {"world": world} if world is not None else {}
-    return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration else None, output,
+    return entry.build(str(model_path), str(final), v.quantize, calib if entry.needs_calibration or getattr(v.quantize, "equalize", False) else None, output,
                        device=recipe.device, resume=resume, log=log, **extra)
 
 
