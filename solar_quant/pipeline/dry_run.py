@@ -19,10 +19,11 @@ from solar_quant.recipe import Recipe, load_recipe
 # CPU: SmolLM2-135M layer 0, 32 x 512 tokens, 4-bit g128 act-order + clipping, CPU time of each
 #   stage (bench/README.md) gave forwards 1.28e10 and solves 7.9e-7 (clip) / 2.9e-7 s per parameter;
 #   a whole `make demo` GPTQ step on a quiet 2-core machine (32 x 256, 4-bit g64 act-order, mse 2.4,
-#   bench/README.md "make demo") then took 265 s where that predicted 157 s, so both rates are
-#   scaled by 157/265: the point estimate matches the whole-run measurement, not one layer's stages.
-CPU_TOKEN_PARAM_PER_S = 7.6e9
-CPU_SOLVE_S_PER_PARAM = {"clip": 1.33e-6, "plain": 4.9e-7}
+#   bench/README.md "make demo") took 78 s at 2cade1a (one pass per layer, no page-fault storm after
+#   the bnb step; bench/results/demo_time_2cade1a.txt) where those rates predicted 157 s, so both
+#   are scaled by 157/78: the point estimate matches the whole-run measurement, not one layer's stages.
+CPU_TOKEN_PARAM_PER_S = 2.58e10
+CPU_SOLVE_S_PER_PARAM = {"clip": 3.93e-7, "plain": 1.44e-7}
 GPU_TOKEN_PARAM_PER_S = 7.9e12
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
