@@ -59,6 +59,8 @@ CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = m
     "3b-g128-act-hdiag-eq": (3, 128, True, 0.0),
     "4b-g128-static-mse-eq": (4, 128, True, 2.4),
     "3b-g128-static-mse-eq": (3, 128, True, 2.4),
+    "4b-g128-act-gloss-eq": (4, 128, True, 0.0),
+    "3b-g128-act-gloss-eq": (3, 128, True, 0.0),
     "4b-g128-static-hclip-eq": (4, 128, True, 0.0),
     "3b-g128-static-hclip-eq": (3, 128, True, 0.0),
 }
@@ -68,6 +70,8 @@ OURS_EXTRA = {  # config -> flags only our run takes
     "4b-g128-act-hclip-eq": ["--clip", "hessian", "--equalize"], "3b-g128-act-hclip-eq": ["--clip", "hessian", "--equalize"],
     "4b-g128-act-hdiag-eq": ["--clip", "hessian-diag", "--equalize"],
     "3b-g128-act-hdiag-eq": ["--clip", "hessian-diag", "--equalize"],
+    "4b-g128-act-gloss-eq": ["--clip", "gptq-loss", "--equalize"],
+    "3b-g128-act-gloss-eq": ["--clip", "gptq-loss", "--equalize"],
     "4b-g128-static-mse-eq": ["--static-groups", "--equalize"], "3b-g128-static-mse-eq": ["--static-groups", "--equalize"],
     "4b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
     "3b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
