@@ -23,7 +23,7 @@ Steps (each resumable: finished runs are kept in the JSON and skipped):
    tensors reuse the first one's scores. runtime-check: for a few runs, dense and real-kernel
    scores on the first --runtime-check-tokens tokens, side by side.
 4. report: ours/theirs ratios (min / median / max over the pairs) of wall time, peak RSS, output
-   bytes, perplexity and mean KL; issue 5's bars (GPTQ's perplexity excess over fp16 vs RTN's).
+   bytes, perplexity and mean KL; the bars (GPTQ's perplexity excess over fp16 vs RTN's).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ OURS_EXTRA = {  # config -> flags only our run takes
 }
 PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA}  # GPTQModel's best: act-order + its mse
 DAMP = 0.01
-BARS = {4: 0.5, 3: 0.2}  # issue 5, by bits: GPTQ's ppl excess <= BAR x RTN's excess (every config is reported)
-SAME_WITHIN = 1.01  # issue 5: our ppl and KL no worse than GPTQModel's within 1 %
+BARS = {4: 0.5, 3: 0.2}  # by bits: GPTQ's ppl excess <= BAR x RTN's excess (every config is reported)
+SAME_WITHIN = 1.01  # our ppl and KL no worse than GPTQModel's within 1 %
 
 
 def parse_reps(text: str) -> dict[str, int]:
