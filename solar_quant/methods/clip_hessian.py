@@ -26,12 +26,10 @@ diagonal, 1 / U_jj^2 for a lone column, is the weighting of GPTQ's reported loss
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from solar_quant.methods.grid import QuantSpec, dequantize, group_range, quantize, range_params, shrink_factors
+from solar_quant.methods.grid import QuantSpec, clipped_search, group_range, range_params
 
 
 def hessian_group_params(x: Tensor, H_gg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -43,22 +41,8 @@ def hessian_group_params(x: Tensor, H_gg: Tensor, spec: QuantSpec) -> tuple[Tens
     x = x.float()
     weight = _weighting(H_gg.to(device=x.device, dtype=torch.float32), spec.clip, x.shape[1])
     xmin, xmax = group_range(x, spec)
-    best = torch.full((x.shape[0],), math.inf, dtype=torch.float32, device=x.device)
-    scale = torch.zeros_like(best)
-    zero = torch.zeros_like(best)
-    shrink = shrink_factors(x.device)
-    budget = 2**26 if x.device.type == "cuda" else 2**21
-    chunk = max(1, min(len(shrink), budget // max(1, x.numel())))
-    for p in shrink.split(chunk):
-        scale1, zero1 = range_params(p[:, None] * xmin, p[:, None] * xmax, spec)  # [chunk, N]
-        s, z = scale1[..., None], zero1[..., None]
-        e = dequantize(quantize(x, s, z, spec.maxq), s, z) - x  # [chunk, N, g]
-        err = quadratic_error(e, weight)
-        err, k = err.min(dim=0)  # the first (widest) range wins ties
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, scale1.gather(0, k[None])[0], scale)
-        zero = torch.where(better, zero1.gather(0, k[None])[0], zero)
+    scale, zero = range_params(xmin, xmax, spec)
+    scale, zero = clipped_search(x, xmin, xmax, scale, zero, spec, lambda e: quadratic_error(e, weight))
     return scale, zero.to(torch.int32)
 
 

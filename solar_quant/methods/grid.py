@@ -128,7 +128,17 @@ def range_params(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tensor, T
 
 def _clipped_params(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
                     grid: int = 100, maxshrink: float = 0.8) -> tuple[Tensor, Tensor]:
-    """Per row, the shrunk range p * [xmin, xmax] whose grid reconstructs `x` best (p = 1 included).
+    """Per row, the shrunk range p * [xmin, xmax] whose grid reconstructs `x` best under
+    sum |error|**spec.mse (p = 1 included)."""
+    return clipped_search(x, xmin, xmax, scale, zero, spec,
+                          lambda e: e.abs_().pow_(spec.mse).sum(dim=2), grid, maxshrink)
+
+
+def clipped_search(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
+                   measure, grid: int = 100, maxshrink: float = 0.8) -> tuple[Tensor, Tensor]:
+    """Per row, the shrunk range p * [xmin, xmax] (p = 1 included) whose grid's rounding error
+    e = dequantized - x [chunk, N, g] has the smallest `measure(e)` [chunk, N] (it may overwrite e);
+    `scale`/`zero` (the unclipped grid) are kept where no candidate measures finite.
 
     The shrink factors are tried a chunk at a time, [chunk, N, g]: on a GPU up to 2**26 elements,
     a few dozen kernels per group instead of hundreds; on a CPU up to 2**21, which stays in cache
@@ -140,7 +150,7 @@ def _clipped_params(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: 
     for p in shrink.split(chunk):
         scale1, zero1 = range_params(p[:, None] * xmin, p[:, None] * xmax, spec)  # [chunk, N]
         s, z = scale1[..., None], zero1[..., None]
-        err = (dequantize(quantize(x, s, z, spec.maxq), s, z) - x).abs_().pow_(spec.mse).sum(dim=2)
+        err = measure(dequantize(quantize(x, s, z, spec.maxq), s, z) - x)
         err, k = err.min(dim=0)  # the first (widest) range wins ties, as in the one-by-one search
         better = err < best
         best = torch.where(better, err, best)
