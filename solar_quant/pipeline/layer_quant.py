@@ -215,6 +215,9 @@ def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec,
     Ws = [w.detach().to(torch.float32) for w in weights]
     try:
         with one_cpu_thread(Ws[0].device):
+            if H is not None and not H.any():
+                raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
+                                    "check the source weights (e.g. a zeroed layer norm) or the calibration data")
             if world is not None and world.distributed and H is not None:
                 return _quantize_rows(Ws, H, spec, cfg, label, log, world)
             return _quantize_weights(Ws, H, spec, cfg, label, log)
@@ -241,9 +244,6 @@ def one_cpu_thread(device: torch.device):
 def _quantize_weights(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log) -> list:
     if H is None:
         return [rtn_quantize(W, spec) for W in Ws]
-    if not H.any():
-        raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
-                            "check the source weights (e.g. a zeroed layer norm) or the calibration data")
     return gptq_quantize_shared(Ws, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order,
                                 static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"),
                                 fused=_column_loop(Ws[0].device, cfg))
@@ -261,9 +261,6 @@ def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, lo
     exactly as `assemble` builds them from one process's."""
     sizes = [W.shape[0] for W in Ws]
     n = sum(sizes)
-    if not H.any():
-        raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
-                            "check the source weights (e.g. a zeroed layer norm) or the calibration data")
     W = stacked_rows(Ws, world.rows(n))
     q = gptq_quantize(W, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp,
                       actorder=cfg.act_order, static_groups=cfg.static_groups,
