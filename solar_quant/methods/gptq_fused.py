@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["COLUMN_LOOP_ENV", "COLUMN_LOOPS", "CompiledColumns", "column_loop_for", "compiled_columns", "segment"]
+__all__ = ["COLUMN_LOOP_ENV", "COLUMN_LOOPS", "CompiledColumns", "column_loop_choice", "column_loop_for",
+           "compiled_columns", "segment"]
 
 COLUMN_LOOP_ENV = "SOLAR_QUANT_COLUMN_LOOP"  # "auto" (default), "eager" or "compiled"
 COLUMN_LOOPS = ("auto", "eager", "compiled")
@@ -105,12 +106,19 @@ def compiled_columns() -> CompiledColumns:
     return _COMPILED
 
 
-def column_loop_for(device: torch.device, choice: str | None = None) -> str:
-    """"eager" or "compiled" for `device`: `choice` (default: $SOLAR_QUANT_COLUMN_LOOP, else
-    "auto"); "auto" is compiled on CUDA and eager elsewhere (on CPU the compiled loop was slower)."""
+def column_loop_choice(choice: str | None = None) -> str:
+    """`choice` (default: $SOLAR_QUANT_COLUMN_LOOP, else "auto") normalised to one of COLUMN_LOOPS;
+    ValueError naming the variable otherwise."""
     choice = (choice or os.environ.get(COLUMN_LOOP_ENV) or "auto").strip().lower()
     if choice not in COLUMN_LOOPS:
-        raise ValueError(f"{COLUMN_LOOP_ENV} must be one of {', '.join(COLUMN_LOOPS)}, got {choice!r}")
+        raise ValueError(f"{COLUMN_LOOP_ENV}={choice!r} is not a column loop; use one of {', '.join(COLUMN_LOOPS)}")
+    return choice
+
+
+def column_loop_for(device: torch.device, choice: str | None = None) -> str:
+    """"eager" or "compiled" for `device`: `column_loop_choice(choice)`; "auto" is compiled on
+    CUDA and eager elsewhere (on CPU the compiled loop was slower)."""
+    choice = column_loop_choice(choice)
     if choice == "auto":
         return "compiled" if device.type == "cuda" else "eager"
     return choice

@@ -36,7 +36,7 @@ from solar_quant.checkpoint.writer import ShardedWriter, StagedFolder
 from solar_quant.devices import compute_dtype, resolve_device
 from solar_quant.errors import (DistributedError, InputError, Interrupted, NumericsError, OptionError, OutputError,
                                 SolarQuantError)
-from solar_quant.methods.gptq_fused import COLUMN_LOOP_ENV, COLUMN_LOOPS
+from solar_quant.methods.gptq_fused import column_loop_choice
 from solar_quant.options import GptqOptions, OutputOptions
 from solar_quant.pipeline import records
 from solar_quant.pipeline.distributed import World
@@ -222,10 +222,10 @@ def _overlap_writes() -> bool:
 def column_loop_from_env() -> str:
     """$SOLAR_QUANT_COLUMN_LOOP: "auto" (compiled on CUDA, eager elsewhere), "eager" or "compiled".
     Both loops give the same codes; the variable only picks the speed (methods/gptq_fused.py)."""
-    value = (os.environ.get(COLUMN_LOOP_ENV) or "auto").strip().lower()
-    if value not in COLUMN_LOOPS:
-        raise OptionError(f"{COLUMN_LOOP_ENV}={value!r} is not a column loop; use one of {', '.join(COLUMN_LOOPS)}")
-    return value
+    try:
+        return column_loop_choice()
+    except ValueError as e:
+        raise OptionError(str(e)) from None
 
 
 def quantize_layer(i: int, layer, runner, hidden, gptq: GptqOptions | LayerQuantConfig, bar, log,
