@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from solar_quant.models.synthetic import llama_config, write_random_llama
-from solar_quant.pipeline import bnb as bnb_pipeline
+from solar_quant.pipeline import malloc
 from tests.conftest import ROOT
 
 SHAPE = dict(hidden=1024, heads=8, kv_heads=2, intermediate=5632, vocab=32000, max_positions=256)
@@ -50,12 +50,12 @@ def _minor_faults_of_allocating(mib: int, times: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-@pytest.mark.skipif(bnb_pipeline._glibc() is None, reason="glibc malloc settings (another C library)")
+@pytest.mark.skipif(malloc.glibc() is None, reason="glibc malloc settings (another C library)")
 def test_the_bnb_memory_setting_ends_with_the_variant():
     """The bnb step maps and unmaps every >= 1 MB block while it runs; a later step of the same
     process (`run`: GPTQ and eval after a bnb variant) must reuse freed blocks again, not fault
     each one in anew (it cost `make demo` 96 M page faults and 217 s of system time)."""
-    with bnb_pipeline._freed_memory_returned_promptly():
+    with malloc.freed_memory_returned_promptly():
         inside = _minor_faults_of_allocating(4, 50)
     _minor_faults_of_allocating(4, 50)  # the heap grows to hold the blocks once (~5,000 faults here)
     after = _minor_faults_of_allocating(4, 50)
@@ -63,3 +63,56 @@ def test_the_bnb_memory_setting_ends_with_the_variant():
     # pages back them); reused from the grown heap, a few hundred at most.
     assert after < 5_000, (inside, after)
     assert inside >= after, (inside, after)
+
+
+_STEADY_FAULTS = """
+import resource, sys, torch
+from solar_quant.pipeline import malloc
+def faults(mib, times):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        torch.empty(mib * 1024**2, dtype=torch.uint8).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+setting = malloc.freed_blocks_reused() if sys.argv[1] == "gptq" else malloc._thresholds(*malloc.CONVERGED)
+with setting:
+    faults(40, 10)  # the heap (or the mapping) settles
+    print(faults(40, 20))
+"""
+
+
+@pytest.mark.skipif(malloc.glibc() is None, reason="glibc malloc settings (another C library)")
+def test_the_gptq_setting_reuses_chunk_sized_blocks():
+    """GPTQ allocates and frees the same per-chunk temporaries for every chunk of every layer.
+    A 40 MiB block is above the 32 MiB glibc converges to, so outside the GPTQ setting each one
+    is mapped and faulted in anew; inside it, it comes back from the heap. Fresh processes, so
+    neither run inherits the other's heap."""
+    def steady_faults(setting):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-c", _STEADY_FAULTS, setting], capture_output=True, text=True,
+                              env=env, check=True)
+        return int(proc.stdout.split()[-1])
+
+    gptq, converged = steady_faults("gptq"), steady_faults("converged")
+    # 20 x 40 MiB mapped anew is 204,800 faults of 4 KiB pages (a few hundred where transparent
+    # huge pages back every mapping); reused from the heap, next to none.
+    assert gptq <= 0.05 * converged + 50, (gptq, converged)
+
+
+def test_the_gptq_step_runs_under_its_malloc_setting(tiny_llama, tmp_path, monkeypatch):
+    """The thresholds the GPTQ step sets, and that the converged ones follow it, even on failure."""
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+    from tests.gptq_helpers import random_calibration
+    from solar_quant.options import GptqOptions, OutputOptions
+    from solar_quant.pipeline.gptq import build_gptq_variant
+
+    monkeypatch.setattr(malloc, "glibc", lambda: FakeLibc())
+    calib = random_calibration(2, 16, 49152, tiny_llama, seed=1)
+    build_gptq_variant(tiny_llama, tmp_path / "q", GptqOptions(method="gptq", group_size=128), calib,
+                       OutputOptions(), log=lambda m: None)
+    assert calls == [(malloc.M_MMAP_THRESHOLD, malloc.REUSE[0]), (malloc.M_TRIM_THRESHOLD, malloc.REUSE[1]),
+                     (malloc.M_MMAP_THRESHOLD, malloc.CONVERGED[0]), (malloc.M_TRIM_THRESHOLD, malloc.CONVERGED[1])]

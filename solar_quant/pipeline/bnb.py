@@ -8,9 +8,6 @@ NaN in a weight, Ctrl-C) leaves nothing under OUT's name.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +20,7 @@ from solar_quant.errors import OptionError
 from solar_quant.formats import bnb as fmt
 from solar_quant.methods import bnb as method
 from solar_quant.options import BnbOptions, OutputOptions
+from solar_quant.pipeline import malloc
 from solar_quant.pipeline.preflight import check_source
 from solar_quant.rope import RopeScaling
 from solar_quant.variant import copy_side_files, tool_record, variant_config
@@ -41,7 +39,7 @@ def build_bnb_variant(src: str | Path, out: str | Path, bnb: BnbOptions, output:
     reader, rope = _check_inputs(src, out, bnb, output)
     staged = StagedFolder(out, overwrite=output.overwrite)
     try:
-        with _freed_memory_returned_promptly():
+        with malloc.freed_memory_returned_promptly():
             counts = _write_tensors(reader, staged, bnb, output.shard_size, device)
         qcfg = fmt.quantization_config(bnb)
         staged.write_json("config.json", variant_config(reader.config, qcfg, rope, dtype="float16"))
@@ -108,48 +106,3 @@ def _quantizes(name: str, reader: CheckpointReader, bnb: BnbOptions) -> bool:
 
 def _require_finite(reader: CheckpointReader, name: str, tensor: torch.Tensor) -> None:
     reader.require_finite(name, tensor)
-
-
-@contextlib.contextmanager
-def _freed_memory_returned_promptly():
-    """While the tensors are quantized, make glibc hand tensor-sized blocks back to the OS when
-    they are freed; afterwards, settings that keep them for reuse.
-
-    glibc serves blocks below its mmap threshold from the heap, and raises that threshold
-    (up to 32 MB) each time a large block is freed; the per-chunk temporaries of the
-    quantizers then stay on the heap and resident memory ratchets up by hundreds of MB.
-    A fixed 1 MB threshold (which also turns the raising off) sends every such block to
-    mmap, which is unmapped on free. Measured on the 4-layer benchmark checkpoint:
-    peak RSS 884 -> ~630 MiB.
-
-    The setting is process-wide and glibc cannot turn its raising back on, so on exit the
-    threshold is set to the values the raising converges to (mmap 32 MiB, trim 64 MiB). Left
-    at 1 MB, every later step of the same process (`run`: GPTQ and eval after a bnb variant)
-    mapped and unmapped each tensor it allocated: 0.6 M page faults per 5 s in GPTQ instead of
-    0.02 M, and 217 s of system time in `make demo` (bench/results/demo_time_*.txt).
-    A no-op on other C libraries.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-            libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-
-
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018 - absent on C libraries without it
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-M_TRIM_THRESHOLD = -1  # glibc malloc.h
-M_MMAP_THRESHOLD = -3

@@ -38,7 +38,7 @@ from solar_quant.errors import (DistributedError, InputError, Interrupted, Numer
                                 SolarQuantError)
 from solar_quant.methods.gptq_fused import column_loop_choice
 from solar_quant.options import GptqOptions, OutputOptions
-from solar_quant.pipeline import records
+from solar_quant.pipeline import malloc, records
 from solar_quant.pipeline.distributed import World
 from solar_quant.pipeline.job import (JOB_DIR, Job, has_saved_job, interrupted, job_spec, open_job, save_progress,
                                       source_files)
@@ -290,6 +290,13 @@ class _Run:
 
 
 def _run(run: _Run) -> None:
+    """The job from its first missing layer to the written folder (staged; rank 0 writes), with
+    glibc keeping the per-chunk temporaries for reuse (`malloc.freed_blocks_reused`)."""
+    with malloc.freed_blocks_reused():
+        _run_layers(run)
+
+
+def _run_layers(run: _Run) -> None:
     from solar_quant.formats.gptq_v1 import quantization_config
     from solar_quant.pipeline.layers import LayerRunner, embed_tokens, llama_config
 
