@@ -32,12 +32,13 @@ def tiny_calib(tiny_llama):
     return random_calibration(6, 32, 49152, tiny_llama, seed=1)
 
 
-def _runner(path, chunk):
+def _runner(path, chunk, pieces=1):
     from solar_quant.checkpoint.reader import CheckpointReader
     from solar_quant.pipeline.layers import LayerRunner, llama_config
 
     reader = CheckpointReader(path)
-    return reader, LayerRunner(llama_config(reader.config), torch.device("cpu"), torch.float32, chunk=chunk)
+    return reader, LayerRunner(llama_config(reader.config), torch.device("cpu"), torch.float32, chunk=chunk,
+                               pieces=pieces)
 
 
 def test_embeddings_and_layer0_hessian_match_the_full_model(tiny_llama, tiny_full, tiny_calib):
@@ -121,12 +122,15 @@ def test_true_sequential_groups_see_the_quantized_earlier_groups(tiny_llama, tin
         torch.testing.assert_close(H, before[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("pieces", [1, 3], ids=["whole-chunks", "pieces"])
 @pytest.mark.parametrize("opts", [{}, {"act_order": True, "mse": 2.4, "group_size": 32},
                                   {"true_sequential": False}], ids=["g128", "act-order-mse", "not-sequential"])
-def test_one_staged_pass_gives_the_codes_and_outputs_of_the_multi_pass_reference(tiny_llama, tiny_calib, opts):
+def test_one_staged_pass_gives_the_codes_and_outputs_of_the_multi_pass_reference(tiny_llama, tiny_calib, opts, pieces):
     """The staged pass (each stage's inputs computed once) against the former path (each group
     re-runs the layer up to its inputs, then the quantized layer runs again): identical packed
-    tensors, records and next-layer inputs, over two layers, with chunks that split the samples."""
+    tensors, records and next-layer inputs, over two layers, with chunks that split the samples
+    (4 + 2 of 6) and, with `pieces`, chunks run as pieces of 2 samples whose inputs are joined
+    again for each Hessian."""
     from solar_quant.options import GptqOptions
     from solar_quant.pipeline.gptq import layer_config
     from solar_quant.pipeline.layer_quant import _quantize_layer_reference, quantize_layer
@@ -134,14 +138,15 @@ def test_one_staged_pass_gives_the_codes_and_outputs_of_the_multi_pass_reference
     from solar_quant.progress import Progress
 
     reader, runner = _runner(tiny_llama, chunk=4)
+    staged = _runner(tiny_llama, chunk=4, pieces=pieces)[1]
     cfg = layer_config(GptqOptions(**opts))
     ours = ref = embed_tokens(reader, tiny_calib.input_ids)
     for i in range(2):
         results = []
-        for fn, hidden in ((quantize_layer, ours), (_quantize_layer_reference, ref)):
+        for fn, hidden, run in ((quantize_layer, ours, staged), (_quantize_layer_reference, ref, runner)):
             layer = load_decoder_layer(reader, runner.config, i, torch.device("cpu"))
             out = torch.empty_like(hidden)
-            packed, record = fn(i, layer, runner, hidden, cfg, Progress(7, "t"), lambda m: None, out=out)
+            packed, record = fn(i, layer, run, hidden, cfg, Progress(7, "t"), lambda m: None, out=out)
             results.append((packed, record, out))
         (p1, r1, ours), (p2, r2, ref) = results
         assert sorted(p1) == sorted(p2) and len(p1) == 7

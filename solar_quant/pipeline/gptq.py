@@ -54,7 +54,8 @@ __all__ = ["build_gptq_variant", "layer_config", "quantize_layer", "collect_hess
            "linear_record", "layer_working_bytes", "check_calibration", "partial_group_warnings",
            "stop_hook_from_env", "PARTIAL_GROUP_REFUSERS", "STOP_ENV"]
 
-CHUNK_TOKENS = 4096  # calibration tokens per forward chunk
+CHUNK_TOKENS = 4096  # calibration tokens per Hessian product (and per forward chunk outside the staged pass)
+CHUNK_PIECES = 2  # the staged pass runs each chunk as this many pieces: half the activations in flight
 OVERLAP_ENV = "SOLAR_QUANT_OVERLAP_WRITES"  # "0": write each layer in line instead of in the background
 STOP_ENV = "SOLAR_QUANT_STOP_AFTER_LAYER"  # test hook: "k" (after layer k is saved), "k:unsaved" or "k:term"
 STOP_RANK_ENV = "SOLAR_QUANT_STOP_RANK"  # with STOP_ENV under torchrun: only this rank stops (default: every rank)
@@ -322,7 +323,7 @@ def _run_layers(run: _Run) -> None:
     runner = None
     if calib is not None:
         seqlen = calib.input_ids.shape[1]
-        runner = LayerRunner(config, run.dev, dtype, chunk=max(1, CHUNK_TOKENS // seqlen))
+        runner = LayerRunner(config, run.dev, dtype, chunk=max(1, CHUNK_TOKENS // seqlen), pieces=CHUNK_PIECES)
     world.where = "before the first layer"
     layer_bar = progress.Progress(shape.layers, "layer", done=job.layers_done)
     linear_bar = progress.Progress(shape.layers * 7, "linear", done=job.layers_done * 7)

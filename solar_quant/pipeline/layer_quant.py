@@ -118,7 +118,7 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     stages = StagedForward(runner, layer, hidden, out)
     for group, inputs in zip(SEQUENTIAL_GROUPS, stages.group_inputs()):
         with clock("hessian"):
-            H = stage_hessian(inputs(), accumulate, reduce=reduce)
+            H = stage_hessian(runner.batched(hidden, inputs()), accumulate, reduce=reduce)
         solve(group, H)
         del H
     with clock("forward"):

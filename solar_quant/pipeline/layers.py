@@ -8,7 +8,7 @@ chunk moves to the layer's device, runs, and comes back. Nothing here quantizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,25 +53,33 @@ def embed_tokens(reader: CheckpointReader, input_ids: torch.Tensor, dtype: torch
 
 @dataclass
 class LayerRunner:
-    """Runs decoder layers over CPU-held activations, `chunk` samples at a time, on `device`."""
+    """Runs decoder layers over CPU-held activations, `chunk` samples at a time, on `device`.
+
+    `pieces` > 1 (the staged pass): each chunk runs as that many smaller pieces, so the
+    activations in flight (the MLP's [piece, L, intermediate] products above all) shrink by
+    that factor; `batched` joins the pieces' inputs back into one per chunk before they reach a
+    Hessian, whose sums are then the same as with whole chunks (a row's forward does not
+    depend on the rows beside it; the Hessian's product does)."""
 
     config: object
     device: torch.device
     dtype: torch.dtype = torch.float32
     chunk: int = 8
+    pieces: int = 1
 
     def __post_init__(self):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.rotary = LlamaRotaryEmbedding(self.config).to(self.device)
 
-    def inputs(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, dict]]:
-        """(sample slice, chunk on the device, the layer's keyword arguments) for each chunk."""
+    def inputs(self, hidden: torch.Tensor, pieces: bool = False) -> Iterator[tuple[slice, torch.Tensor, dict]]:
+        """(sample slice, chunk on the device, the layer's keyword arguments) for each chunk
+        (each piece with `pieces`)."""
         from transformers.masking_utils import create_causal_mask
 
         seqlen = hidden.shape[1]
         position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)
-        for rows in self.rows(hidden):
+        for rows in self.rows(hidden, pieces):
             h = hidden[rows].to(device=self.device, dtype=self.dtype)
             # (config, inputs_embeds, attention_mask, cache) positionally: the cache argument's name changed in 5.x
             mask = create_causal_mask(self.config, h, None, None, position_ids=position_ids)
@@ -79,11 +87,25 @@ class LayerRunner:
                       "position_embeddings": self.rotary(h, position_ids)}
             yield rows, h, kwargs
 
-    def rows(self, hidden: torch.Tensor) -> Iterator[slice]:
-        """The sample slices of `inputs`, without moving anything."""
+    def rows(self, hidden: torch.Tensor, pieces: bool = False) -> Iterator[slice]:
+        """The sample slices of `inputs`, without moving anything: the chunks, or with `pieces`
+        each chunk's pieces."""
         n = hidden.shape[0]
+        step = -(-self.chunk // self.pieces) if pieces else self.chunk
         for start in range(0, n, self.chunk):
-            yield slice(start, min(start + self.chunk, n))
+            stop = min(start + self.chunk, n)
+            for a in range(start, stop, step):
+                yield slice(a, min(a + step, stop))
+
+    def batched(self, hidden: torch.Tensor, inputs: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The per-piece tensors `inputs` (in `rows(hidden, pieces=True)` order, samples first)
+        joined into one tensor per chunk."""
+        n, parts = hidden.shape[0], []
+        for rows, X in zip(self.rows(hidden, pieces=True), inputs):
+            parts.append(X)
+            if rows.stop % self.chunk == 0 or rows.stop == n:
+                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                parts = []
 
     @torch.no_grad()
     def forward(self, layer, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,13 +205,13 @@ class StagedForward:
 
     @torch.no_grad()
     def qkv_inputs(self) -> Iterator[torch.Tensor]:
-        for _, h, _ in self.runner.inputs(self.hidden):
+        for _, h, _ in self.runner.inputs(self.hidden, pieces=True):
             yield self.layer.input_layernorm(h)
 
     @torch.no_grad()
     def o_inputs(self) -> Iterator[torch.Tensor]:
         attn = self.layer.self_attn
-        for rows, h, kwargs in self.runner.inputs(self.hidden):
+        for rows, h, kwargs in self.runner.inputs(self.hidden, pieces=True):
             x = self.layer.input_layernorm(h)
             a = _input_of(attn.o_proj, lambda: attn(hidden_states=x, **kwargs))
             self._store(self.attn, rows, a)
@@ -197,7 +219,7 @@ class StagedForward:
 
     @torch.no_grad()
     def gate_up_inputs(self) -> Iterator[torch.Tensor]:
-        for rows in self.runner.rows(self.hidden):
+        for rows in self.runner.rows(self.hidden, pieces=True):
             h = self.hidden[rows].to(device=self.runner.device, dtype=self.runner.dtype)
             h_mid = h + self.layer.self_attn.o_proj(self._load(self.attn, rows))
             self._store(self.out, rows, h_mid)
@@ -211,12 +233,12 @@ class StagedForward:
 
     @torch.no_grad()
     def down_inputs(self) -> Iterator[torch.Tensor]:
-        for rows in self.runner.rows(self.hidden):
+        for rows in self.runner.rows(self.hidden, pieces=True):
             yield self._mlp_product(rows)[1]
 
     @torch.no_grad()
     def finish(self) -> torch.Tensor:
-        for rows in self.runner.rows(self.hidden):
+        for rows in self.runner.rows(self.hidden, pieces=True):
             h_mid, product = self._mlp_product(rows)
             self._store(self.out, rows, h_mid + self.layer.mlp.down_proj(product))
         return self.out
