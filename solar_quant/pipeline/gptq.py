@@ -312,6 +312,7 @@ def _run_layers(run: _Run) -> None:
         if calib is not None:  # each rank embeds its own samples
             hidden = embed_tokens(reader, calib.input_ids[world.samples(calib.input_ids.shape[0])])
         _save_point(run, writer, hidden, 0)
+        reader.release()  # the embedding table's pages (56 MB on SmolLM2) stop counting as ours before layer 0
     elif calib is not None and job.layers_done < shape.layers:
         full = job.load_hidden() if world.is_main else None
         hidden = world.scatter_samples(full, (calib.input_ids.shape[0], calib.input_ids.shape[1], shape.hidden),
