@@ -160,3 +160,21 @@ def test_the_column_loop_choice(monkeypatch):
     monkeypatch.setenv(COLUMN_LOOP_ENV, "triton")
     with pytest.raises(OptionError, match=COLUMN_LOOP_ENV):
         column_loop_from_env()
+
+
+def test_a_bad_column_loop_is_refused_before_any_work(tiny_llama, tmp_path):
+    """`quantize` and `run` refuse a bad $SOLAR_QUANT_COLUMN_LOOP in one line before a calibration
+    set is built (no calibration progress line) or any output appears."""
+    from tests.conftest import assert_clean_failure, cli
+
+    env = {"SOLAR_QUANT_COLUMN_LOOP": "triton"}
+    proc = cli("quantize", tiny_llama, tmp_path / "q", "--method", "gptq", "--nsamples", "2", "--seqlen", "16", env=env)
+    assert_clean_failure(proc, "SOLAR_QUANT_COLUMN_LOOP", "triton")
+    assert "calibration:" not in proc.stderr, proc.stderr
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'name = "r"\n[model]\npath = "{tiny_llama}"\n[[variants]]\nname = "g"\n'
+                      '[variants.quantize]\nmethod = "gptq"\n')
+    proc = cli("run", recipe, "--out", tmp_path / "run", env=env)
+    assert_clean_failure(proc, "SOLAR_QUANT_COLUMN_LOOP", "triton")
+    assert "calibration:" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]

@@ -68,6 +68,9 @@ def _run_recipe(recipe_path: str, *, model: str | None, out: str | None, resume:
     if model_path is None:
         raise OutputError(f"{recipe_path}: model.path is not set; pass --model PATH to the 16-bit checkpoint")
     _preflight(recipe, model_path)
+    from solar_quant.pipeline.gptq import column_loop_from_env
+
+    column_loop_from_env()  # a bad $SOLAR_QUANT_COLUMN_LOOP is refused before the first step
     root = Path(out or Path("out") / recipe.name)
     result = RunResult(root)
     _check_outputs(root, recipe, resume, overwrite)

@@ -114,6 +114,9 @@ def _quantize(src, out, method, entry, options, output, world, device, resume, c
     from solar_quant.errors import OptionError
 
     if entry.uses_device:
+        from solar_quant.pipeline.gptq import column_loop_from_env
+
+        column_loop_from_env()  # a bad $SOLAR_QUANT_COLUMN_LOOP is refused before any work
         _preflight(src, out, output, device)  # before any calibration set is built
     elif device != "cpu":
         raise OptionError(f"--device {device}: method {method} does not run on a device; drop --device")
