@@ -138,13 +138,15 @@ def test_other_rope_types_fall_back_to_transformers():
     assert is_native(llama_config(_tiny_config()))
 
 
-def test_gptq_folder_bytes_are_those_of_the_transformers_layer(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("opts", [dict(method="gptq", bits=4, group_size=32, act_order=True),
+                                  dict(method="rtn", bits=3, group_size=32, equalize=True)], ids=["gptq", "rtn-equalize"])
+def test_folder_bytes_are_those_of_the_transformers_layer(tiny_llama, tmp_path, monkeypatch, opts):
     from solar_quant.options import GptqOptions, OutputOptions
     from solar_quant.pipeline import layers
     from solar_quant.pipeline.gptq import build_gptq_variant
 
     calib = random_calibration(6, 32, 49152, tiny_llama, seed=1)
-    opts = GptqOptions(method="gptq", bits=4, group_size=32, act_order=True)
+    opts = GptqOptions(**opts)
     native = build_gptq_variant(tiny_llama, tmp_path / "native", opts, calib, OutputOptions(), log=lambda m: None)
     monkeypatch.setattr(layers, "llama_config", lambda cfg, *a, **k: layers.transformers_config(cfg))
     theirs = build_gptq_variant(tiny_llama, tmp_path / "hf", opts, calib, OutputOptions(), log=lambda m: None)
