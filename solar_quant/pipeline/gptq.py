@@ -1,7 +1,8 @@
 """The streaming GPTQ / RTN driver: one decoder layer at a time, from the 16-bit shards to a
 GPTQ v1 folder, resumable after a kill.
 
-For each layer: load its tensors into transformers' `LlamaDecoderLayer`, quantize it with
+For each layer: load its tensors into a Llama decoder layer (`pipeline.layers`: the native
+`models.llama_layer` layer, or transformers' for rope types it does not compute), quantize it with
 `layer_quant.quantize_layer` (one staged pass: per true-sequential group, its inputs computed
 once, their Hessian, one solve, the dequantized weights written back; the last stage gives the
 next layer's inputs), write its packed tensors, and free it. A resume point
@@ -13,7 +14,7 @@ written. Memory holds two layers (that one and the next), one layer's packed ten
 copies of the calibration activations and one Hessian at a time.
 
 The pieces: `preflight` (checks before work, shared with bnb), `layer_quant` (one layer; torch
-and transformers only), `placement` (where the activations live), `job` (resume), `records`
+and `pipeline.layers` only), `placement` (where the activations live), `job` (resume), `records`
 (what solar_quant.json says). Options are translated here, once, into a `LayerQuantConfig`
 and one recorded dict.
 """
@@ -107,6 +108,7 @@ def _build(src, out, gptq: GptqOptions, calib, output: OutputOptions, device: st
     dev = resolve_device(world.device(device))
     source = check_source(src, out, rope_scaling=output.rope_scaling, overwrite=output.overwrite)
     reader, shape = source.reader, source.shape
+    _check_layer_config(reader)
     if gptq.method == "gptq" or gptq.equalize:
         if calib is None:
             need = f"--method {gptq.method}" if gptq.method in ("gptq", "awq") else "--equalize"
@@ -288,6 +290,13 @@ class _Run:
     equalize: bool = False  # fold activation-aware scales into each layer first (pipeline/equalize.py)
     world: World = field(default_factory=World)
     overlap_writes: bool = True  # write layer i while layer i + 1 is quantized (_LayerWrites)
+
+
+def _check_layer_config(reader: CheckpointReader) -> None:
+    """Refuse, before any work, a config.json whose layers no decoder layer here runs (hidden_act)."""
+    from solar_quant.pipeline.layers import llama_config
+
+    llama_config(reader.config, where=str(Path(reader.path) / "config.json"))
 
 
 def _run(run: _Run) -> None:

@@ -1,6 +1,12 @@
-"""One decoder layer at a time: transformers' own `LlamaDecoderLayer`, built on the meta device
-and filled with just that layer's tensors from the source shards, run over calibration
-activations in chunks exactly as `LlamaModel.forward` runs it.
+"""One decoder layer at a time: a Llama decoder layer built on the meta device and filled with
+just that layer's tensors from the source shards, run over calibration activations in chunks
+exactly as `LlamaModel.forward` runs it.
+
+The layer is `models.llama_layer.DecoderLayer` (plain torch, bit-identical to transformers'
+`LlamaDecoderLayer`, without importing transformers' modeling code) for the rope types it
+computes (default, linear, dynamic, llama3); any other rope type runs transformers' own
+`LlamaDecoderLayer`, `LlamaRotaryEmbedding` and `create_causal_mask`. `llama_config` picks once,
+by the config it returns; everything after follows that config.
 
 Activations live on the CPU (fp32 by default) as one tensor [nsamples, seqlen, hidden]; each
 chunk moves to the layer's device, runs, and comes back. Nothing here quantizes.
@@ -15,12 +21,23 @@ import torch
 
 from solar_quant.architecture import layer_prefix
 from solar_quant.checkpoint.reader import CheckpointReader
+from solar_quant.models.llama_layer import LlamaLayerConfig, layer_config
 
 EMBED_NAME = "model.embed_tokens.weight"
 
 
-def llama_config(source_cfg: dict, attn_implementation: str = "sdpa"):
-    """A transformers `LlamaConfig` for running the source model's layers (its own rope settings)."""
+def llama_config(source_cfg: dict, attn_implementation: str = "sdpa", where: str = "config.json"):
+    """The config the source model's layers run under: a `LlamaLayerConfig` (native layer) when
+    the native layer computes its rope type, else a transformers `LlamaConfig`. A field no layer
+    runs (hidden_act other than silu) raises `CheckpointError` naming `where`."""
+    native = layer_config(source_cfg, where)
+    if native.native and attn_implementation == "sdpa":
+        return native
+    return transformers_config(source_cfg, attn_implementation)
+
+
+def transformers_config(source_cfg: dict, attn_implementation: str = "sdpa"):
+    """A transformers `LlamaConfig` for the source model's layers (the fallback path)."""
     from transformers import LlamaConfig
 
     cfg = {k: v for k, v in source_cfg.items() if k != "quantization_config"}
@@ -29,17 +46,29 @@ def llama_config(source_cfg: dict, attn_implementation: str = "sdpa"):
     return config
 
 
+def is_native(config) -> bool:
+    return isinstance(config, LlamaLayerConfig)
+
+
 def load_decoder_layer(reader: CheckpointReader, config, index: int, device: torch.device,
                        dtype: torch.dtype = torch.float32):
-    """Layer `index` as a `LlamaDecoderLayer` on `device` in `dtype`; reads only its tensors."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
+    """Layer `index` on `device` in `dtype` (the layer `config` calls for); reads only its tensors."""
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(config, index)
+        layer = _new_layer(config, index)
     prefix = layer_prefix(index)
     state = {name: reader.get(prefix + name).to(device=device, dtype=dtype) for name in layer.state_dict()}
     layer.load_state_dict(state, assign=True, strict=True)
     return layer.eval().requires_grad_(False)
+
+
+def _new_layer(config, index: int) -> torch.nn.Module:
+    if is_native(config):
+        from solar_quant.models.llama_layer import DecoderLayer
+
+        return DecoderLayer(config)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return LlamaDecoderLayer(config, index)
 
 
 def embed_tokens(reader: CheckpointReader, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -68,24 +97,33 @@ class LayerRunner:
     pieces: int = 1
 
     def __post_init__(self):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        self.rotary = LlamaRotaryEmbedding(self.config).to(self.device)
+        if is_native(self.config):
+            from solar_quant.models.llama_layer import RotaryEmbedding
+        else:
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as RotaryEmbedding
+        self.rotary = RotaryEmbedding(self.config).to(self.device)
 
     def inputs(self, hidden: torch.Tensor, pieces: bool = False) -> Iterator[tuple[slice, torch.Tensor, dict]]:
         """(sample slice, chunk on the device, the layer's keyword arguments) for each chunk
         (each piece with `pieces`)."""
-        from transformers.masking_utils import create_causal_mask
-
         seqlen = hidden.shape[1]
         position_ids = torch.arange(seqlen, device=self.device).unsqueeze(0)
         for rows in self.rows(hidden, pieces):
             h = hidden[rows].to(device=self.device, dtype=self.dtype)
-            # (config, inputs_embeds, attention_mask, cache) positionally: the cache argument's name changed in 5.x
-            mask = create_causal_mask(self.config, h, None, None, position_ids=position_ids)
+            mask = self.causal_mask(h, position_ids)
             kwargs = {"attention_mask": mask, "position_ids": position_ids,
                       "position_embeddings": self.rotary(h, position_ids)}
             yield rows, h, kwargs
+
+    def causal_mask(self, h: torch.Tensor, position_ids: torch.Tensor):
+        """None for the native layer: a full, unpadded causal sequence needs no mask (SDPA's is_causal;
+        transformers' `create_causal_mask` gives None for it too)."""
+        if is_native(self.config):
+            return None
+        from transformers.masking_utils import create_causal_mask
+
+        # (config, inputs_embeds, attention_mask, cache) positionally: the cache argument's name changed in 5.x
+        return create_causal_mask(self.config, h, None, None, position_ids=position_ids)
 
     def rows(self, hidden: torch.Tensor, pieces: bool = False) -> Iterator[slice]:
         """The sample slices of `inputs`, without moving anything: the chunks, or with `pieces`
@@ -170,15 +208,15 @@ def _input_of(module: torch.nn.Module, call: Callable[[], object]) -> torch.Tens
 
 
 class StagedForward:
-    """`LlamaDecoderLayer.forward` cut at the inputs of the four true-sequential groups, run once.
+    """The decoder layer's forward cut at the inputs of the four true-sequential groups, run once.
 
     Each `*_inputs` method runs one stage over every chunk and yields that stage's group inputs
     (which the caller folds into a Hessian); the caller quantizes the group before the next
-    stage reads it. The stages use transformers' own modules with the runner's mask and rotary
+    stage reads it. The stages use the layer's own modules with the runner's mask and rotary
     embeddings, in the decoder layer's order, so the values are those of `layer(h, ...)`:
 
     1. `qkv_inputs`: input_layernorm(x);
-    2. `o_inputs`: LlamaAttention up to o_proj's input (quantized q/k/v), kept in `out`;
+    2. `o_inputs`: the attention up to o_proj's input (quantized q/k/v), kept in `out`;
     3. `gate_up_inputs`: h_mid = x + o_proj(attention), kept in `out`; yields post_attention_layernorm(h_mid);
     4. `down_inputs`: act(gate(.)) * up(.) of the quantized gate/up;
     5. `finish`: out = h_mid + down_proj(act(gate(.)) * up(.)), the next layer's input.
