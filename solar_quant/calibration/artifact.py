@@ -88,14 +88,62 @@ def load_tokenizer(model_path: str | Path):
 
 
 def tokenizer_identity(model_path: str | Path, tokenizer=None) -> dict:
-    """What makes token ids mean the same thing: sha256 of the vocabulary files, vocab size, BOS/EOS."""
+    """What makes token ids mean the same thing: sha256 of the vocabulary files, vocab size, BOS/EOS.
+
+    Without a loaded `tokenizer`, read from tokenizer.json and tokenizer_config.json by the
+    `tokenizers` library alone where those files settle every field (`_identity_from_files`):
+    checking a calibration set then does not import transformers' tokenizer stack (~100 MB of
+    resident memory in a GPTQ run that needs no tokenizer). Otherwise transformers loads it."""
     from solar_quant.checkpoint.manifest import sha256_file
 
     path = Path(model_path)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     files = {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).is_file()}
+    if tokenizer is None:
+        found = _identity_from_files(path)
+        if found is not None:
+            return {"files": files, **found}
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     return {"files": files, "vocab_size": len(tok), "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id,
             "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id}
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _identity_from_files(path: Path) -> dict | None:
+    """vocab size and BOS/EOS as transformers' fast tokenizer reports them, from the files, or
+    None wherever its loading could add to what tokenizer.json holds: no tokenizer.json or
+    tokenizer_config.json, BOS or EOS left to a tokenizer class's default, or a special or
+    added token the vocabulary lacks (or holds under another id)."""
+    tj, tc = path / "tokenizer.json", path / "tokenizer_config.json"
+    if not (tj.is_file() and tc.is_file()):
+        return None
+    try:
+        config = json.loads(tc.read_text())
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tj))
+    except Exception:  # unreadable here: transformers' loader reports it in its own words
+        return None
+    if not isinstance(config, dict) or "bos_token" not in config or "eos_token" not in config:
+        return None
+
+    named = [config.get(k) for k in SPECIAL_TOKEN_KEYS]
+    extra = config.get("additional_special_tokens") or []
+    extra_map = config.get("extra_special_tokens") or {}
+    named += list(extra) if isinstance(extra, list) else [extra]
+    named += list(extra_map.values()) if isinstance(extra_map, dict) else [extra_map]
+    # a token given as anything but a string (an AddedToken dict, ...) is transformers' to read
+    if any(n is not None and (not isinstance(n, str) or tok.token_to_id(n) is None) for n in named):
+        return None
+    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
+        text = entry.get("content") if isinstance(entry, dict) else None
+        if not str(token_id).isdigit() or not isinstance(text, str) or tok.token_to_id(text) != int(token_id):
+            return None
+    bos, eos = config["bos_token"], config["eos_token"]
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "bos_token": bos, "bos_token_id": tok.token_to_id(bos) if bos is not None else None,
+            "eos_token": eos, "eos_token_id": tok.token_to_id(eos) if eos is not None else None}
 
 
 def tokenizer_differences(expected: dict, actual: dict) -> list[str]:
