@@ -1,7 +1,8 @@
 """The native Llama layer (models/llama_layer.py) against transformers' own: bit-identical layer
 outputs and rope frequencies on tiny configs of every supported kind and on SmolLM2's layer 0,
 the same GPTQ folder bytes either way, the fallback for other rope types, a quantize process
-that never imports transformers' modeling code, and a refused hidden_act."""
+that never imports transformers' modeling code (nor, for a matching tokenizer, its tokenizer
+stack), and a refused hidden_act."""
 
 from __future__ import annotations
 
