@@ -1,7 +1,8 @@
 """The native Llama layer (models/llama_layer.py) against transformers' own: bit-identical layer
 outputs and rope frequencies on tiny configs of every supported kind and on SmolLM2's layer 0,
 the same GPTQ folder bytes either way, the fallback for other rope types, a quantize process
-that never imports transformers' modeling code, and a refused hidden_act."""
+that never imports transformers' modeling code (nor, for a matching tokenizer, its tokenizer
+stack), and a refused hidden_act."""
 
 from __future__ import annotations
 
@@ -170,10 +171,9 @@ def test_cli_gptq_quantize_never_imports_transformers_modeling(tiny_llama, tmp_p
     assert (tmp_path / "q" / "model.safetensors").is_file()
     modules = set(seen.read_text().split())
     assert "solar_quant.models.llama_layer" in modules and "torch" in modules  # the hook saw the run
-    # the calibration check loads the tokenizer (AutoTokenizer imports configuration_llama); the
-    # layers' modeling code, and what it pulls in, must stay out
-    heavy = sorted(m for m in modules if m.startswith(("transformers.models.llama.modeling_llama", "torchao",
-                                                         "transformers.modeling_utils", "transformers.masking_utils",
+    # neither the layers' modeling code nor, for a matching tokenizer, transformers' tokenizer stack
+    heavy = sorted(m for m in modules if m.startswith(("transformers.models", "torchao", "transformers.modeling_utils",
+                                                         "transformers.masking_utils", "transformers.tokenization_utils_base",
                                                          "transformers.integrations.sdpa_attention")))
     assert heavy == [], heavy
 
@@ -192,3 +192,4 @@ def test_unsupported_hidden_act_is_refused_in_one_line(tiny_llama, tmp_path):
     proc = cli("quantize", src, tmp_path / "q", "--method", "rtn", "--bits", "4", "--group-size", "32", env=QUIET)
     assert_clean_failure(proc, "config.json", "hidden_act", "gelu")
     assert not (tmp_path / "q").exists()
+
