@@ -4,7 +4,7 @@ the dequantized weights written back before the next stage reads them (so later 
 quantized earlier ones), each linear packed to GPTQ v1 where it was computed, and the quantized
 layer's output (the next layer's input) from the last stage.
 
-Imports only torch, transformers (through `pipeline.layers`) and the pure modules
+Imports only torch, the layer code (`pipeline.layers`, `models/llama_layer.py`) and the pure modules
 (`methods/`, `formats/gptq_v1`, `architecture`): no pydantic, no options. It takes a plain
 frozen `LayerQuantConfig`, so `bench/gpu_layer_70b.py` runs this very code on a GPU machine
 that has nothing else installed.
