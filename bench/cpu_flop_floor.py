@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchlib  # noqa: E402
 from solar_quant.pipeline.gptq import CHUNK_PIECES, CHUNK_TOKENS  # noqa: E402
 
 
@@ -54,14 +56,13 @@ def shapes(cfg: dict, nsamples: int, seqlen: int) -> dict:
     chunk = max(1, CHUNK_TOKENS // seqlen)
     piece = -(-chunk // CHUNK_PIECES)
     return {"hidden": h, "intermediate": i, "head_dim": hd, "heads": heads, "kv_heads": kv_heads,
-            "chunk_samples": chunk, "piece_samples": piece, "pieces": -(-nsamples // piece),
+            "q_width": heads * hd, "kv_width": kv_heads * hd, "chunk_samples": chunk, "piece_samples": piece, "pieces": -(-nsamples // piece),
             "chunks": -(-nsamples // chunk), "seqlen": seqlen}
 
 
 def layer_products(s: dict) -> list[dict]:
     """(name, calls per layer, FLOP per call, a function running one call) for each product."""
-    h, i, L = s["hidden"], s["intermediate"], s["seqlen"]
-    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    h, i, L, q, kv = s["hidden"], s["intermediate"], s["seqlen"], s["q_width"], s["kv_width"]
     tp, tc = s["piece_samples"] * L, s["chunk_samples"] * L
     x_h, x_q, x_i = torch.randn(tp, h), torch.randn(tp, q), torch.randn(tp, i)
     w = {n: torch.randn(o, k) for n, (o, k) in
@@ -90,8 +91,7 @@ def layer_products(s: dict) -> list[dict]:
 
 
 def solve_flop(s: dict) -> int:
-    h, i = s["hidden"], s["intermediate"]
-    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    h, i, q, kv = s["hidden"], s["intermediate"], s["q_width"], s["kv_width"]
     return (2 * (q + 2 * kv) * h * h + h**3) + (2 * h * q * q + q**3) + (2 * 2 * i * h * h + h**3) + (2 * h * i * i + i**3)
 
 
@@ -129,24 +129,14 @@ def main() -> None:
            "layer_gflop": round((layer_flop + solve_flop(s)) / 1e9, 1), "layer_floor_s": round(layer_s + solves_s, 3),
            "layers": layers, "model_tflop": round(total_flop / 1e12, 2), "floor_s": round(floor, 1),
            "load_average_before": load_before, "load_average_after": os.getloadavg(),
-           "cpu": _cpu_name(), "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+           "cpu": benchlib.machine()["cpu"], "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
     if args.wall:
         out["wall_s"] = args.wall
         out["achieved_gflops"] = round(total_flop / args.wall / 1e9, 1)
         out["floor_over_wall"] = round(floor / args.wall, 3)
     print(json.dumps(out, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+        benchlib.write_json(args.out, out)
 
 
 if __name__ == "__main__":
