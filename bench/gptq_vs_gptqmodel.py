@@ -63,6 +63,11 @@ CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = m
     "3b-g128-act-gloss-eq": (3, 128, True, 0.0),
     "4b-g128-static-hclip-eq": (4, 128, True, 0.0),
     "3b-g128-static-hclip-eq": (3, 128, True, 0.0),
+    "2b-g64-act-gloss-eq": (2, 64, True, 0.0),
+    # AutoRound's runs (impl "autoround", bench/autoround_run.py; sign-gradient rounding, no act-order)
+    "4b-g128-autoround": (4, 128, False, 0.0),
+    "3b-g128-autoround": (3, 128, False, 0.0),
+    "2b-g64-autoround": (2, 64, False, 0.0),
 }
 OURS_EXTRA = {  # config -> flags only our run takes
     "4b-g128-act-mse-eq": ["--equalize"], "3b-g128-act-mse-eq": ["--equalize"],
@@ -75,8 +80,13 @@ OURS_EXTRA = {  # config -> flags only our run takes
     "4b-g128-static-mse-eq": ["--static-groups", "--equalize"], "3b-g128-static-mse-eq": ["--static-groups", "--equalize"],
     "4b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
     "3b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
+    "2b-g64-act-gloss-eq": ["--clip", "gptq-loss", "--equalize"],
 }
-PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA}  # GPTQModel's best: act-order + its mse
+# GPTQModel's best: act-order + its mse (raced at 4 and 3 bits only)
+PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA if name[:2] in ("4b", "3b")}
+# AutoRound's run at the same bits and group size
+AUTOROUND_OF = {name: f"{name[:2]}-g{CONFIGS[name][1]}-autoround" for name in OURS_EXTRA}
+AUTOROUND_RECIPE = "default"  # AutoRound's default recipe: 200 steps per block (bench/autoround_run.py)
 DAMP = 0.01
 BARS = {4: 0.5, 3: 0.2}  # by bits: GPTQ's ppl excess <= BAR x RTN's excess (every config is reported)
 SAME_WITHIN = 1.01  # our ppl and KL no worse than GPTQModel's within 1 %
@@ -101,7 +111,9 @@ def schedule(reps: dict[str, int], one_thread: list[str] = (), floors: bool = Tr
     for name, n in reps.items():
         for rep in range(1, n + 1):
             for impl in impls:
-                if impl == "theirs" and name in PEER_OF:  # the peer's run is that of its base config
+                if name.endswith("-autoround") != (impl == "autoround"):  # AutoRound's configs are its own
+                    continue
+                if impl == "theirs" and name in OURS_EXTRA:  # the peer's run is that of its base config
                     continue
                 runs.append({"id": f"{name}-{impl}-{rep}", "config": name, "impl": impl, "rep": rep})
     if floors:
@@ -138,6 +150,9 @@ def command(run: dict, model: str, calib: Path, out: Path) -> list[str]:
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "bnb-nf4"]
     bits, group, act, mse = CONFIGS[run["config"]]
     clip = ["--mse", str(mse)] if mse else []
+    if run["impl"] == "autoround":
+        return [py, str(benchlib.ROOT / "bench" / "autoround_run.py"), model, str(out), "--calibration", str(calib), "--bits", str(bits),
+                "--group-size", str(group), "--recipe", AUTOROUND_RECIPE]
     if run["impl"] == "ours":
         return [py, "-m", "solar_quant", "quantize", model, str(out), "--method", "gptq", "--bits", str(bits),
                 "--group-size", str(group), "--damp", str(DAMP), "--calibration", str(calib),
@@ -179,7 +194,7 @@ def redo(doc: dict, names: set[str], why: str = "") -> None:
     `names`; the others stay, each with the commit it was measured at. What was dropped, with
     its commit and timing, is kept in `redone`."""
     runs = doc.get("runs", {})
-    unknown = names - {"ours", "ours-rtn", "ours-bnb", "theirs"} - set(runs)
+    unknown = names - {"ours", "ours-rtn", "ours-bnb", "theirs", "autoround"} - set(runs)
     if unknown:
         raise SystemExit(f"--redo: {', '.join(sorted(unknown))}: neither an implementation (ours, ours-rtn, ours-bnb, "
                          f"theirs) nor a run in the results file")
@@ -199,11 +214,15 @@ def load_doc(path: Path) -> dict:
 
 def step_calibrate(args, doc) -> None:
     calib = args.work / "calib"
-    if (calib / "calibration.safetensors").is_file():
-        return
     cmd = [benchlib.PYTHON, "-m", "solar_quant", "calibrate", "--model", args.model, "--out", str(calib),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.calib_seed)]
-    doc["calibration"] = {"command": " ".join(cmd[1:]), **benchlib.measure(cmd, args.work / "calibrate.log")}
+    if (calib / "calibration.safetensors").is_file():
+        if "calibration" in doc:
+            return
+        # made by another results file's run in the same WORK: record which ids, not a timing
+        doc["calibration"] = {"command": " ".join(cmd[1:]), "made_by": "an earlier run in this WORK"}
+    else:
+        doc["calibration"] = {"command": " ".join(cmd[1:]), **benchlib.measure(cmd, args.work / "calibrate.log")}
     card = json.loads((calib / "calibration.json").read_text())
     doc["calibration"].update({"sha256": card.get("sha256"), "tokens": card.get("tokens"),
                                "mix": card.get("mix"), "template": card.get("template")})
@@ -221,7 +240,8 @@ def step_quantize(args, doc, save) -> None:
         print(f"{dt.datetime.now():%H:%M:%S} {run['id']}: {shown(cmd)}", flush=True)
         result = benchlib.measure(cmd, args.work / f"{run['id']}.log", env=benchlib.child_env(**run.get("env", {})))
         log_text = (args.work / f"{run['id']}.log").read_text(errors="replace")
-        timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines() if line.startswith("GPTQMODEL_TIMING ")]
+        timing = [json.loads(line.split(" ", 1)[1]) for line in log_text.splitlines()
+                  if line.startswith(("GPTQMODEL_TIMING ", "AUTOROUND_TIMING "))]
         runs[run["id"]] = {**run, "command": shown(cmd), "commit": benchlib.git_commit(), **result, "waited_for_quiet": quiet,
                            "output": str(out), "safetensors_bytes": benchlib.folder_bytes(out),
                            "tensor_bytes": sum(b for _, _, b in benchlib.safetensors_tensor_bytes(out).values()),
@@ -293,7 +313,7 @@ def eval_options(args, max_tokens: int | None = None):
     from solar_quant.options import EvalOptions
 
     return EvalOptions(text=str(args.eval_text or default_eval_text()), seqlen=args.eval_seqlen, max_tokens=max_tokens or args.max_tokens,
-                       passkey_trials=0, device="cpu", cache_dir=str(args.work / "baseline-cache"))
+                       passkey_trials=0, device="cpu", cache_dir=str(args.baseline_cache or args.work / "baseline-cache"))
 
 
 def score(args, doc, folder: Path, label: str, opts) -> dict:
@@ -459,7 +479,8 @@ def main() -> None:
     ap.add_argument("--eval-text", type=Path, default=None,
                     help="score on this text instead of the bundled held-out text (give each text its own --work)")
     ap.add_argument("--impls", default="ours,theirs",
-                    help="which tools' runs to make: ours,theirs (a draw of ours alone pairs with a peer run elsewhere)")
+                    help="which tools' runs to make: ours,theirs,autoround (a draw of ours alone pairs with a peer run "
+                         "elsewhere; autoround makes the *-autoround configs)")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--quiet-load", type=float, default=2.5)
     ap.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine before each run")
@@ -471,17 +492,34 @@ def main() -> None:
                     "ids whose runs and scores are dropped from --out and measured again, e.g. after a change to our "
                     "solver, or a run whose timing another job disturbed")
     ap.add_argument("--redo-why", default="", help="the reason, recorded with the dropped runs")
+    ap.add_argument("--runs-from", type=Path, nargs="*", default=[],
+                    help="results files whose runs (outputs, timings) and calibration record this file scores too: "
+                         "the same quantized folders on another --eval-text (use with --steps eval,report)")
+    ap.add_argument("--baseline-cache", type=Path, default=None,
+                    help="folder of the fp16 baseline's cached log-probs (default WORK/baseline-cache); one per text "
+                         "is shared across draws")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     doc = load_doc(args.out)
     if args.redo:
         redo(doc, set(args.redo.split(",")), args.redo_why)
+    for other in args.runs_from:
+        src = load_doc(other)
+        if not src.get("runs"):
+            raise SystemExit(f"--runs-from: {other} has no runs")
+        if doc.get("calibration") and src.get("calibration", {}).get("sha256") != doc["calibration"].get("sha256"):
+            raise SystemExit(f"--runs-from: {other} was calibrated on other token ids than {args.out}")
+        doc["calibration"] = src.get("calibration")
+        for rid, run in src["runs"].items():
+            doc.setdefault("runs", {}).setdefault(rid, {**run, "from": str(other)})
     doc["protocol"] = {
         "model": args.model, "calibration": {"source": "bundled set (solar-quant calibrate defaults: solar template, "
                                              "orca 0.3 / alpaca 0.3 / prose 0.4)", "nsamples": args.nsamples,
                                              "seqlen": args.seqlen, "seed": args.calib_seed},
         "configs": {k: {"bits": b, "group_size": g, "act_order": a, "sym": True, "damp": DAMP, "true_sequential": True,
-                        "mse": m, **({"ours_extra": OURS_EXTRA[k], "peer_run_of": PEER_OF[k]} if k in OURS_EXTRA else {})}
+                        "mse": m, **({"ours_extra": OURS_EXTRA[k], "autoround_run_of": AUTOROUND_OF[k]} if k in OURS_EXTRA else {}),
+                        **({"peer_run_of": PEER_OF[k]} if k in PEER_OF else {}),
+                        **({"autoround_recipe": AUTOROUND_RECIPE} if k.endswith("-autoround") else {})}
                     for k, (b, g, a, m) in CONFIGS.items()},
         "reps": args.reps, "order": "per config: ours, theirs, ours, theirs, ... then RTN, bnb-nf4",
         "gptqmodel": "bench/gptqmodel_run.py: GPTQModel.load(dtype=float32, device=cpu), QuantizeConfig(format='gptq', "
