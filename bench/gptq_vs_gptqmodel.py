@@ -64,6 +64,7 @@ CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = m
     "4b-g128-static-hclip-eq": (4, 128, True, 0.0),
     "3b-g128-static-hclip-eq": (3, 128, True, 0.0),
     "2b-g64-act-gloss-eq": (2, 64, True, 0.0),
+    "4b-g128-act-gloss": (4, 128, True, 0.0),  # the cost of --equalize: the same without it
     # AutoRound's runs (impl "autoround", bench/autoround_run.py; sign-gradient rounding, no act-order)
     "4b-g128-autoround": (4, 128, False, 0.0),
     "3b-g128-autoround": (3, 128, False, 0.0),
@@ -81,6 +82,7 @@ OURS_EXTRA = {  # config -> flags only our run takes
     "4b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
     "3b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
     "2b-g64-act-gloss-eq": ["--clip", "gptq-loss", "--equalize"],
+    "4b-g128-act-gloss": ["--clip", "gptq-loss"],
 }
 # GPTQModel's best: act-order + its mse (raced at 4 and 3 bits only)
 PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA if name[:2] in ("4b", "3b")}
@@ -216,13 +218,12 @@ def step_calibrate(args, doc) -> None:
     calib = args.work / "calib"
     cmd = [benchlib.PYTHON, "-m", "solar_quant", "calibrate", "--model", args.model, "--out", str(calib),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.calib_seed)]
-    if (calib / "calibration.safetensors").is_file():
-        if "calibration" in doc:
-            return
-        # made by another results file's run in the same WORK: record which ids, not a timing
-        doc["calibration"] = {"command": " ".join(cmd[1:]), "made_by": "an earlier run in this WORK"}
-    else:
+    if not (calib / "calibration.safetensors").is_file():
         doc["calibration"] = {"command": " ".join(cmd[1:]), **benchlib.measure(cmd, args.work / "calibrate.log")}
+    elif (doc.get("calibration") or {}).get("sha256"):
+        return
+    else:  # made by another results file's run in the same WORK: record which ids, not a timing
+        doc["calibration"] = {"command": " ".join(cmd[1:]), "made_by": "an earlier run in this WORK"}
     card = json.loads((calib / "calibration.json").read_text())
     doc["calibration"].update({"sha256": card.get("sha256"), "tokens": card.get("tokens"),
                                "mix": card.get("mix"), "template": card.get("template")})
@@ -507,9 +508,11 @@ def main() -> None:
         src = load_doc(other)
         if not src.get("runs"):
             raise SystemExit(f"--runs-from: {other} has no runs")
-        if doc.get("calibration") and src.get("calibration", {}).get("sha256") != doc["calibration"].get("sha256"):
+        theirs, mine = (src.get("calibration") or {}).get("sha256"), (doc.get("calibration") or {}).get("sha256")
+        if theirs and mine and theirs != mine:
             raise SystemExit(f"--runs-from: {other} was calibrated on other token ids than {args.out}")
-        doc["calibration"] = src.get("calibration")
+        if theirs or not mine:
+            doc["calibration"] = src.get("calibration")
         for rid, run in src["runs"].items():
             doc.setdefault("runs", {}).setdefault(rid, {**run, "from": str(other)})
     doc["protocol"] = {
