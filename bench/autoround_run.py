@@ -16,23 +16,21 @@ Usage: python bench/autoround_run.py SRC OUT --calibration DIR [--bits 4] [--gro
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
+import sys
 import time
 
 RECIPES = {"default": {"iters": 200, "lr": None, "batch_size": 8},
            "light": {"iters": 50, "lr": 5e-3, "batch_size": 8}}
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (no solar_quant import: none of our code in the peer's process)
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--calibration", required=True, help="artifact folder made by `solar-quant calibrate`")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p = benchlib.peer_parser(__doc__)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
     p.add_argument("--iters", type=int, default=None, help="override the recipe's steps per block (a timing probe)")
     args = p.parse_args()

@@ -8,6 +8,7 @@ before and after, since the 2 cores of the benchmark machine may be shared.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "bitsandbytes", "optimum", "gptqmodel", "numpy")
+
+
+def peer_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every peer runner (gptqmodel_run.py, autoround_run.py) takes: SRC OUT
+    --calibration DIR --bits --group-size."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--calibration", required=True, help="artifact folder made by `solar-quant calibrate`")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    return p
 
 
 def child_env(**extra: str) -> dict:

@@ -13,19 +13,17 @@ Usage: GPTQMODEL_CPU_WORKERS=2 python bench/gptqmodel_run.py SRC OUT --calibrati
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (no solar_quant import: none of our code in the peer's process)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--calibration", required=True, help="artifact folder made by `solar-quant calibrate`")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p = benchlib.peer_parser(__doc__)
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--mse", type=float, default=0.0, help="QuantizeConfig.mse: clipping search norm (0: off)")
