@@ -42,8 +42,8 @@ def _protocol(doc: dict) -> dict:
 
 
 def peer_runs(files: list[Path]) -> dict:
-    """(config, seed, text sha) -> a peer's (GPTQModel's or AutoRound's) rep-1 run with its score and
-    file's protocol."""
+    """(config, seed, text sha) -> every rep-1 run of a peer (GPTQModel or AutoRound) with its score
+    and file's protocol, in file order (`_pair` takes the one made from our calibration ids)."""
     out = {}
     for path in files:
         doc = json.loads(path.read_text())
@@ -54,23 +54,26 @@ def peer_runs(files: list[Path]) -> dict:
             if run.get("impl") not in PEER_IMPLS or run.get("rep") != 1 or score is None:
                 continue
             key = (run["config"], seed, proto["text_sha256"])
-            out.setdefault(key, {"file": str(path.relative_to(benchlib.ROOT)), "peer": PEER_IMPLS[run["impl"]],
+            out.setdefault(key, []).append({"file": str(path.relative_to(benchlib.ROOT)), "peer": PEER_IMPLS[run["impl"]],
                                  "score": score, "protocol": proto,
                                  "calibration_sha256": (doc.get("calibration") or {}).get("sha256"), "run": run})
     return out
 
 
-def _pair(path, doc, run, cfg, score, seed, proto, peer_name, peer) -> dict | str:
-    """One ours/peer pair, or the reason it cannot be formed."""
+def _pair(path, doc, run, cfg, score, seed, proto, peer_name, candidates) -> dict | str:
+    """One ours/peer pair, or the reason it cannot be formed. Of several peer runs with this seed
+    and text, the one whose file records our calibration sha256 wins, then one that records none."""
     key = PEER_KEYS[peer_name]
     name = f"{run['config']} vs {peer_name} seed {seed} ({path.name})"
-    if peer is None:
+    if not candidates:
         return f"{name}: no {peer_name} run of {cfg[key]} with this seed and text"
+    ours_sha = (doc.get("calibration") or {}).get("sha256")
+    peer = min(candidates, key=lambda c: 0 if c["calibration_sha256"] == ours_sha else 1 if not c["calibration_sha256"] else 2)
     diffs = [k for k in ("tokens", "kl_k") if peer["protocol"][k] != proto[k]]
     fp16_a, fp16_b = proto["fp16_ppl"], peer["protocol"]["fp16_ppl"]
     if fp16_a is None or fp16_b is None or abs(fp16_a - fp16_b) > 1e-6 * fp16_a:
         diffs.append("fp16_ppl")
-    ours_sha, peer_sha = (doc.get("calibration") or {}).get("sha256"), peer["calibration_sha256"]
+    peer_sha = peer["calibration_sha256"]
     if ours_sha and peer_sha and ours_sha != peer_sha:
         diffs.append("calibration_sha256")
     if diffs:
