@@ -59,8 +59,7 @@ def main() -> None:
     staging = args.out.rstrip("/") + ".autoround"
     shutil.rmtree(staging, ignore_errors=True)
     ar.quantize_and_save(staging, format="auto_gptq")
-    made = next(os.path.dirname(os.path.join(root, "config.json")) for root, _, files in os.walk(staging)
-                if "config.json" in files and "model.safetensors" in files)
+    made = next(root for root, _, files in os.walk(staging) if "config.json" in files and "model.safetensors" in files)
     os.replace(made, args.out)
     shutil.rmtree(staging, ignore_errors=True)
     saved = time.monotonic()

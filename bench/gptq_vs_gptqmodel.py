@@ -86,8 +86,14 @@ OURS_EXTRA = {  # config -> flags only our run takes
 }
 # GPTQModel's best: act-order + its mse (raced at 4 and 3 bits only)
 PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA if name[:2] in ("4b", "3b")}
-# AutoRound's run at the same bits and group size
-AUTOROUND_OF = {name: f"{name[:2]}-g{CONFIGS[name][1]}-autoround" for name in OURS_EXTRA}
+
+
+def autoround_config(bits: int, group_size: int) -> str:
+    """AutoRound's config at these bits and group size, the partner of ours in the race."""
+    return f"{bits}b-g{group_size}-autoround"
+
+
+AUTOROUND_OF = {name: autoround_config(*CONFIGS[name][:2]) for name in OURS_EXTRA}
 AUTOROUND_RECIPE = "default"  # AutoRound's default recipe: 200 steps per block (bench/autoround_run.py)
 DAMP = 0.01
 BARS = {4: 0.5, 3: 0.2}  # by bits: GPTQ's ppl excess <= BAR x RTN's excess (every config is reported)
@@ -199,7 +205,7 @@ def redo(doc: dict, names: set[str], why: str = "") -> None:
     unknown = names - {"ours", "ours-rtn", "ours-bnb", "theirs", "autoround"} - set(runs)
     if unknown:
         raise SystemExit(f"--redo: {', '.join(sorted(unknown))}: neither an implementation (ours, ours-rtn, ours-bnb, "
-                         f"theirs) nor a run in the results file")
+                         f"theirs, autoround) nor a run in the results file")
     dropped = {rid: {k: run.get(k) for k in ("commit", "wall_s", "peak_rss_mib", "load1_start", "load1_end")}
                for rid, run in runs.items() if run.get("impl") in names or rid in names}
     for rid in dropped:

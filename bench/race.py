@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
+from gptq_vs_gptqmodel import autoround_config  # noqa: E402
 from peer_draws import pooled  # noqa: E402
 
 BARS = {"gptqmodel": {4: {"kl": 0.80, "ppl_excess": 0.85}, 3: {"kl": 0.75, "ppl_excess": 0.85}},
@@ -107,7 +108,7 @@ def pairs(race_files: list[Path], peers: dict) -> tuple[list[dict], list[str]]:
             if run.get("impl") != "ours" or "ours_extra" not in cfg or score is None:
                 continue
             if "autoround_run_of" not in cfg:  # files written before AutoRound joined the race
-                cfg = {**cfg, "autoround_run_of": f"{cfg['bits']}b-g{cfg['group_size']}-autoround"}
+                cfg = {**cfg, "autoround_run_of": autoround_config(cfg["bits"], cfg["group_size"])}
             for peer_name, key in PEER_KEYS.items():
                 if key not in cfg:
                     continue
