@@ -137,10 +137,15 @@ def verdict(peer: str, bits: int, kl: dict, excess: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=benchlib.ROOT / "bench" / "results" / "race.json")
+    ap.add_argument("--ours", type=Path, default=benchlib.ROOT / "bench" / "results" / "race",
+                    help="the folder of our draws (race_campaign.sh's RACE_RESULTS); peers are read from it and "
+                         "from bench/results/race too")
     args = ap.parse_args()
     res = benchlib.ROOT / "bench" / "results"
-    race_files = sorted((res / "race").glob("*.json"))
-    peers = peer_runs(sorted(res.glob("gptq_vs_gptqmodel*.json")) + sorted((res / "draws").glob("*.json")) + race_files)
+    race_files = sorted(args.ours.resolve().glob("*.json"))
+    peer_files = sorted(res.glob("gptq_vs_gptqmodel*.json")) + sorted((res / "draws").glob("*.json"))
+    peer_files += sorted(set(sorted((res / "race").glob("*.json")) + race_files))
+    peers = peer_runs(peer_files)
     ps, refused = pairs(race_files, peers)
     groups: dict[tuple, list[dict]] = {}
     for p in ps:

@@ -11,13 +11,19 @@ from tests.conftest import assert_clean_failure, cli
 from tests.test_gptq_pipeline import _build, tiny_calib  # noqa: F401  (fixture)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_equalized_variant_records_scales_and_verifies(tiny_llama, tiny_calib, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize("method,sequential", [("rtn", True), ("gptq", True), ("gptq", False)])
+def test_equalized_variant_records_scales_and_verifies(tiny_llama, tiny_calib, tmp_path, method, sequential):  # noqa: F811
+    """RTN and GPTQ without true-sequential groups gather the statistics in a forward of their own,
+    true-sequential GPTQ inside its staged pass (with v_proj / up_proj rescaled after their solve):
+    each folder verifies against the source through the recorded transform."""
     from solar_quant.verify import verify_variant
 
-    out = _build(tiny_llama, tmp_path / "eq", tiny_calib, method=method, bits=4, group_size=32, equalize=True)
+    out = _build(tiny_llama, tmp_path / "eq", tiny_calib, method=method, bits=4, group_size=32, equalize=True,
+                 true_sequential=sequential)
     record = json.loads((out / "solar_quant.json").read_text())
     assert record["options"]["equalize"] and "equalization" in record
+    staged = method == "gptq" and sequential
+    assert record["equalization"]["statistics"].startswith("each pair's group inputs" if staged else "the unquantized")
     assert set(record["layers"][0]["equalization"]) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
     assert (out / "equalization" / "layer-000.safetensors").is_file()
     assert verify_variant(out, tiny_llama, samples=2, log=lambda m: None) == []
@@ -118,3 +124,21 @@ def test_non_finite_scale_names_layer_and_channel(tiny_llama, tiny_calib, tmp_pa
     with pytest.raises(NumericsError, match=r"model\.layers\.0\.input_layernorm -> .*channel 5 is nan"):
         _build(tiny_llama, tmp_path / "q", tiny_calib, method="gptq", bits=4, group_size=32, equalize=True)
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_staged_equalization_resumes_byte_identical(tiny_llama, tmp_path):
+    """GPTQ + --equalize stopped after layer 0 and resumed writes the folder of an uninterrupted run,
+    scales included (the resume point carries the quantized layer's outputs; the scales of layer 0
+    are already in the staging folder)."""
+    from tests.conftest import tree_digest
+    from tests.test_gptq_pipeline import QUIET
+
+    calib = tmp_path / "calib"
+    cli("calibrate", "--model", tiny_llama, "--out", calib, "--nsamples", "4", "--seqlen", "32", check=True)
+    args = ("quantize", tiny_llama, "--method", "gptq", "--bits", "3", "--group-size", "32", "--act-order",
+            "--clip", "gptq-loss", "--equalize", "--calibration", calib, "--checkpoint-every", "0")
+    cli(*args, tmp_path / "whole", check=True, env=QUIET)
+    stopped = cli(*args, tmp_path / "q", env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
+    assert stopped.returncode != 0 and not (tmp_path / "q").exists()
+    cli(*args, tmp_path / "q", "--resume", check=True, env=QUIET)
+    assert tree_digest(tmp_path / "q") == tree_digest(tmp_path / "whole")

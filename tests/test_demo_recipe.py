@@ -36,7 +36,20 @@ def test_estimate_grows_with_the_calibration_tokens(demo_model):
     clipped = time_range_s(shape, "gptq", 32, 256, "cpu", 0, GptqOptions(method="gptq", mse=2.4))
     assert 0 < small[0] < small[1] and large[0] > 16 * small[0]
     assert clipped[0] > small[0]  # the clipping search costs solve time
+    equalized = time_range_s(shape, "gptq", 32, 256, "cpu", 0, GptqOptions(method="gptq", equalize=True))
+    assert equalized[0] > small[0]  # the exponent search adds its products
     assert time_range_s(shape, "gptq", 128, 2048, "cuda", 0)[1] < large[0]
+
+
+def test_equalize_search_flop_counts_every_pair():
+    """2 · rows · K² per exponent for q/k/v, o, gate/up and down, on a GQA shape."""
+    from solar_quant.methods.awq import ALPHA_GRID
+    from solar_quant.pipeline.dry_run import equalize_search_flop
+
+    shape = LlamaShape(hidden=64, layers=3, heads=8, kv_heads=2, head_dim=8, intermediate=160, vocab=100,
+                       max_positions=128, tie_word_embeddings=False)
+    per_layer = 2 * ((64 + 2 * 16) * 64**2 + 64 * 64**2 + 320 * 64**2 + 64 * 160**2)
+    assert equalize_search_flop(shape) == 3 * ALPHA_GRID * per_layer
 
 
 def test_quantize_gptq_prints_its_expected_time_before_starting(tiny_llama, tmp_path):

@@ -25,6 +25,12 @@ from solar_quant.recipe import Recipe, load_recipe
 CPU_TOKEN_PARAM_PER_S = 2.58e10
 CPU_SOLVE_S_PER_PARAM = {"clip": 3.93e-7, "plain": 1.44e-7}
 GPU_TOKEN_PARAM_PER_S = 7.9e12
+# --equalize on GPTQ adds its exponent search alone (the statistics come from the staged pass):
+# per pair and exponent, a round-to-nearest of the pair's linears and ΔW H ΔWᵀ, 2·rows·K² FLOP.
+# CPU: 0.67 s per SmolLM2 layer on 2 cores for its 115.5 GFLOP (bench/README.md, the race after
+# the staged equalization). GPU: not measured; float32 products at an assumed 40 TFLOP/s.
+CPU_EQUALIZE_FLOP_PER_S = 1.7e11
+GPU_EQUALIZE_FLOP_PER_S = 4.0e13
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
 
@@ -69,16 +75,30 @@ def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, dev
     return estimate(shape, nsamples, seqlen, device, source_bytes)
 
 
-def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False) -> float:
+def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False,
+                   equalize: bool = False) -> float:
     """Point estimate of GPTQ's compute on an idle machine of the kind measured (see the constants)."""
     from solar_quant.memory import linear_params
 
     layer_params = linear_params(shape)
     token_params = nsamples * seqlen * shape.layers * (layer_params + 2 * seqlen * shape.hidden)
+    search = equalize_search_flop(shape) if equalize else 0.0
     if device.startswith("cuda"):
-        return token_params / GPU_TOKEN_PARAM_PER_S
+        return token_params / GPU_TOKEN_PARAM_PER_S + search / GPU_EQUALIZE_FLOP_PER_S
     solve = shape.layers * layer_params * CPU_SOLVE_S_PER_PARAM["clip" if clip else "plain"]
-    return token_params / CPU_TOKEN_PARAM_PER_S + solve
+    return token_params / CPU_TOKEN_PARAM_PER_S + solve + search / CPU_EQUALIZE_FLOP_PER_S
+
+
+def equalize_search_flop(shape: LlamaShape) -> float:
+    """The exponent search's products over all layers: per exponent and pair, 2 · rows · K²."""
+    from solar_quant.methods.awq import ALPHA_GRID
+
+    kv = shape.kv_heads * shape.head_dim
+    pairs = ((shape.heads * shape.head_dim + 2 * kv, shape.hidden),  # q/k/v reading the normed input
+             (shape.hidden, shape.heads * shape.head_dim),  # o_proj
+             (2 * shape.intermediate, shape.hidden),  # gate/up
+             (shape.hidden, shape.intermediate))  # down_proj
+    return float(shape.layers * ALPHA_GRID * sum(2 * rows * k * k for rows, k in pairs))
 
 
 def _minutes(seconds: float) -> str:

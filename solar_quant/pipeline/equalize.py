@@ -1,8 +1,24 @@
-"""The per-layer equalization step (`--equalize`, methods/awq.py): run before `quantize_layer`,
-it measures the inputs of the four folded pairs over the calibration activations (one forward
-with hooks), searches each pair's exponent, and folds the scales into the layer's norm and
-linear weights in place. The layer then computes the same function (up to float32 rounding)
-and its linears are easier to quantize.
+"""The per-layer equalization step (`--equalize`, methods/awq.py): it measures the inputs of the
+four folded pairs over the calibration activations, searches each pair's exponent, and folds the
+scales into the layer's norm and linear weights. The layer then computes the same function (up to
+float32 rounding) and its linears are easier to quantize.
+
+Two ways to get the statistics, by solver:
+
+- GPTQ (true-sequential), `StageEqualizer`: inside the staged pass (`layer_quant.quantize_layer`).
+  Each pair's linears are one true-sequential group, and the stage that feeds that group already
+  computes the group's inputs and their Gram matrix (the group's Hessian). The pair is searched
+  on those, folded, and the Hessian is rescaled to the folded inputs (H / s sᵀ: the Gram matrix
+  of x / s) before the group is solved. No forward runs for equalization. The statistics are
+  those of the inputs the solver sees: from the already-quantized groups before it, as GPTQ's
+  own Hessians are. Two pairs divide the rows of a linear that an earlier stage has already
+  quantized (v_proj for v → o, up_proj for up → down): GPTQ is equivariant to row scaling (a
+  row's grid and its error feedback scale with it), so dividing that linear's group scales by s
+  gives the codes that quantizing the folded rows would give, without solving again; only the
+  float16 rounding of the new scales differs. The attention output the staged pass keeps for o
+  is divided by s too (attention is linear in v).
+- RTN, or GPTQ without true-sequential: `equalize_layer`, one forward of the unquantized layer
+  with hooks before the layer is quantized.
 
 The scales go to the variant folder as `equalization/layer-NNN.safetensors` (float32, one tensor
 per pair), written as each layer is done, so a resumed job keeps them and `verify --source`
@@ -12,6 +28,7 @@ recomputes the folded 16-bit tensors from the source and them.
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 import torch
 
@@ -19,11 +36,14 @@ from solar_quant.architecture import layer_prefix
 from solar_quant.errors import NumericsError
 from solar_quant.formats.equalization import (SCALES_DIR, folded_source_tensor, load_scales,  # noqa: F401
                                            save_scales, scales_path)
-from solar_quant.methods.awq import PAIRS, check_scales, fold_scales, search_scales
+from solar_quant.formats.gptq_v1 import dequantize
+from solar_quant.methods.awq import PAIRS, check_scales, expand_kv_scales, fold_scales, scale_columns, search_scales
+from solar_quant.methods.grid import stored_scales
 from solar_quant.methods.gptq import accumulate_hessian
+from solar_quant.pipeline.layer_quant import linear_record
 from solar_quant.pipeline.layers import capture_inputs
 
-__all__ = ["equalize_layer", "collect_statistics", "fold_layer", "scales_path", "save_scales", "load_scales",
+__all__ = ["equalize_layer", "StageEqualizer", "collect_statistics", "fold_layer", "scales_path", "save_scales", "load_scales",
            "folded_source_tensor", "check_norms", "equalization_card", "SCALES_DIR"]
 
 
@@ -91,6 +111,89 @@ def equalize_layer(layer, runner, hidden, cfg, log, i: int = 0) -> tuple[dict, d
     return record, scales
 
 
+class StageEqualizer:
+    """Equalization inside the staged pass, pair k before true-sequential group k is solved
+    (`layer_quant.quantize_layer` calls `fold`); `finish` checks the layer and returns what
+    `equalize_layer` returns."""
+
+    def __init__(self, layer, cfg, i: int = 0):
+        self.layer, self.cfg, self.i = layer, cfg, i
+        self.record: dict = {}
+        self.scales: dict[str, torch.Tensor] = {}
+        # the linears a later pair rescales (v_proj, up_proj): their weights as solved and their
+        # Hessian, on the CPU, so that their records can be made again for the rescaled rows
+        self._rows_later = {p.prev for p in PAIRS if p.prev.startswith(("self_attn.", "mlp."))}
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fold(self, k: int, H: torch.Tensor, mean_abs: torch.Tensor, quantized: dict, records: dict,
+             stages) -> torch.Tensor:
+        """Search pair k on its group's inputs (Gram matrix `H`, mean |x| `mean_abs`), fold it,
+        and return the Hessian of the folded inputs. `quantized` / `records`: the layer's packed
+        linears so far and their records (the pair's prev, when it is a linear, is among them; its
+        record is made again for its rescaled rows); `stages`: the StagedForward whose kept
+        attention output the v → o fold rescales."""
+        layer, pair = self.layer, PAIRS[k]
+        where = f"{layer_prefix(self.i)}{pair.prev} -> {', '.join(pair.linears)}"
+        if H is None:
+            raise NumericsError(f"{where}: no calibration inputs reached it")
+        kv_groups, head_dim = gqa_shape(layer) if pair.gqa else (1, 0)
+        Ws = [layer.get_submodule(n).weight.detach() for n in pair.linears]
+        choice = search_scales(Ws, H, mean_abs, self.cfg.spec, kv_groups=kv_groups, head_dim=head_dim)
+        check_scales(choice.scales, where)
+        s = choice.scales.to(H.device)
+        if pair.prev in quantized:  # a linear an earlier stage quantized: divide its rows' group scales
+            _fold_columns(layer, pair, s, kv_groups, head_dim)
+            weight = layer.get_submodule(pair.prev).weight
+            rescale_rows(quantized[pair.prev], weight, s, self.cfg.bits)
+            solved, H_prev = self._kept.pop(pair.prev)
+            W = solved.to(weight.device) / s[:, None]
+            records[pair.prev].update(_errors(linear_record(W, SimpleNamespace(dequant=weight.detach(), damp_used=0.0,
+                                                                               stats={}), H_prev.to(weight.device))))
+            if pair.gqa:
+                stages.rescale_attention(expand_kv_scales(s, kv_groups, head_dim))
+        else:
+            fold_layer(layer, pair, s)
+        s_cols = expand_kv_scales(s, kv_groups, head_dim) if kv_groups > 1 else s
+        cpu = choice.scales.detach().to("cpu", torch.float32).contiguous()
+        self.scales[pair.name] = cpu
+        self.record[pair.name] = {"alpha": round(choice.alpha, 6), "error": _sig(choice.error),
+                                  "error_plain": _sig(choice.error_plain), "scales_sha256": _sha(cpu)}
+        inv = s_cols.reciprocal().to(H.dtype)
+        H = H.mul_(inv[:, None]).mul_(inv[None, :])
+        for name in pair.linears:
+            if name in self._rows_later:  # solved next, rescaled by a later pair
+                self._kept[name] = (layer.get_submodule(name).weight.detach().to("cpu", copy=True),
+                                    H.to("cpu", copy=True))
+        return H
+
+    def finish(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        _check_folded(self.layer, self.i)
+        return self.record, self.scales
+
+
+def _errors(record: dict) -> dict:
+    return {k: record[k] for k in ("rel_weight_error", "rel_output_error")}
+
+
+def _fold_columns(layer, pair, s: torch.Tensor, kv_groups: int, head_dim: int) -> None:
+    """The linears' half of a fold: their columns × s (repeated over the query heads under GQA)."""
+    linears = [layer.get_submodule(n).weight for n in pair.linears]
+    new_linears = scale_columns(linears, s, kv_groups=kv_groups, head_dim=head_dim)
+    with torch.no_grad():
+        for w, new in zip(linears, new_linears):
+            w.copy_(new)
+
+
+def rescale_rows(tensors: dict[str, torch.Tensor], weight: torch.Tensor, s: torch.Tensor, bits: int) -> None:
+    """Divide row n of a packed GPTQ v1 linear by s[n]: its group scales become the float16 values
+    of scale / s (codes and zeros unchanged), and `weight`, the layer's dequantized copy, is rebuilt
+    from the packed tensors as a runtime computes it."""
+    scales = stored_scales(tensors["scales"].to(torch.float32) / s.to("cpu", torch.float32)[None, :])
+    tensors["scales"] = scales.to(torch.float16).contiguous()
+    with torch.no_grad():
+        weight.copy_(dequantize({k: t.to(weight.device) for k, t in tensors.items()}, bits))
+
+
 def _check_folded(layer, i: int) -> None:
     """The folded weights must stay finite and within float16's range (they are stored in 16 bits)."""
     limit = torch.finfo(torch.float16).max
@@ -101,12 +204,16 @@ def _check_folded(layer, i: int) -> None:
                                 "beyond float16's range; rerun without --equalize")
 
 
-def equalization_card() -> dict:
-    """What solar_quant.json says about the scales (per layer α and hashes sit in each layer's record)."""
+def equalization_card(staged: bool = False) -> dict:
+    """What solar_quant.json says about the scales (per layer α and hashes sit in each layer's
+    record); `staged`: searched inside GPTQ's staged pass (`StageEqualizer`)."""
     from solar_quant.methods.awq import ALPHA_GRID
 
+    statistics = ("each pair's group inputs in the staged pass (groups before it already quantized)" if staged
+                  else "the unquantized layer's forward on the layer's inputs")
     return {"method": "activation-aware equalization (AWQ scales, s = mean|x|**alpha)",
             "pairs": {p.name: {"prev": p.prev, "linears": list(p.linears), "gqa": p.gqa} for p in PAIRS},
+            "statistics": statistics,
             "alpha_grid": ALPHA_GRID, "search": "round-to-nearest on the target grid, linear output error",
             "scales": f"{SCALES_DIR}/layer-NNN.safetensors (float32, one tensor per pair)",
             "fold": "prev / s (norm weight, or rows), linears' columns * s (v->o: repeated over query heads)"}

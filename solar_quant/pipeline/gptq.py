@@ -45,7 +45,7 @@ from solar_quant.pipeline.job import (JOB_DIR, Job, has_saved_job, interrupted, 
                                       source_files)
 from solar_quant.pipeline.layer_quant import LayerQuantConfig, collect_hessians, linear_modules, linear_record
 from solar_quant.pipeline.layer_quant import quantize_layer as _quantize_layer
-from solar_quant.pipeline.equalize import check_norms, equalization_card, equalize_layer, save_scales
+from solar_quant.pipeline.equalize import StageEqualizer, check_norms, equalization_card, equalize_layer, save_scales
 from solar_quant.pipeline.placement import layer_working_bytes, place_activations
 from solar_quant.pipeline.preflight import Source, check_calibration, check_source
 from solar_quant.pipeline.records import PARTIAL_GROUP_REFUSERS
@@ -359,7 +359,7 @@ def _run_layers(run: _Run) -> None:
     copy_side_files(reader, staged)
     record = records.run_record(reader, run.options.get("method", run.cfg.method), run.options, calib, job.records, run.warnings)
     if run.equalize:
-        record["equalization"] = equalization_card()
+        record["equalization"] = equalization_card(staged=run.cfg.needs_calibration and run.cfg.true_sequential)
     if run.world.distributed:  # each rank's samples and the Hessian sums depend on it
         record["world_size"] = run.world.size
     staged.write_json(RECORD_NAME, record)
@@ -383,14 +383,20 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
             layer = prefetch.take(i)
             if i + 1 < shape.layers:
                 prefetch.start(i + 1)
-            equalized = None
-            if run.equalize:  # fold the scales first (pipeline/equalize.py); the layer's function is unchanged
-                equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
-                save_scales(run.staged.staging, i, scales)
+            equalized = equalizer = None
+            if run.equalize:  # pipeline/equalize.py: the layer's function is unchanged by the folds
+                if run.cfg.needs_calibration and run.cfg.true_sequential:  # searched inside the staged pass
+                    equalizer = StageEqualizer(layer, run.cfg, i)
+                else:  # RTN: one forward for the statistics, folded before quantizing
+                    equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
             hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
             quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log,
-                                                out=spare, world=world if world.distributed else None)
+                                                out=spare, world=world if world.distributed else None,
+                                                equalizer=equalizer)
+            if equalizer is not None:
+                equalized, scales = equalizer.finish()
             if equalized is not None:
+                save_scales(run.staged.staging, i, scales)
                 record["equalization"] = equalized
             if runner is not None and hessian_runner is None:
                 runner.forward(layer, hidden, out=spare)

@@ -30,7 +30,7 @@ from solar_quant.methods.quantized import assemble
 from solar_quant.methods.rtn import rtn_quantize
 from solar_quant.pipeline.layers import StagedForward, capture_inputs
 
-__all__ = ["LayerQuantConfig", "quantize_layer", "stage_hessian", "collect_hessians", "linear_modules", "linear_record", "full_name"]
+__all__ = ["LayerQuantConfig", "quantize_layer", "stage_hessian", "stage_statistics", "collect_hessians", "linear_modules", "linear_record", "full_name"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def linear_modules(layer) -> dict[str, torch.nn.Module]:
 def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, log,
                    clock: Callable[[str], contextlib.AbstractContextManager] = _no_clock,
                    accumulate: Callable = accumulate_hessian, out: torch.Tensor | None = None,
-                   world=None) -> tuple[dict, dict]:
+                   world=None, equalizer=None) -> tuple[dict, dict]:
     """Quantize the seven linears of `layer` in place (weights become their dequantized values)
     and, with calibration, write the quantized layer's outputs for `hidden` into `out` (the next
     layer's inputs; allocated like `hidden` when not given).
@@ -97,7 +97,11 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     `world` (a `pipeline.distributed.World`; None: one process): `hidden` holds this rank's
     samples only; each Hessian is summed over every rank's (`World.reduce_hessian`) and each
     solve is split by rows across the ranks and gathered, so every rank ends with the same
-    quantized layer and its own samples' outputs in `out`."""
+    quantized layer and its own samples' outputs in `out`.
+
+    `equalizer` (a `pipeline.equalize.StageEqualizer`; true-sequential GPTQ only): before each
+    group is solved, its equalization pair is searched on the stage's inputs and folded, and the
+    group is solved on the Hessian of the folded inputs (clock phase "equalize")."""
     quantized, record = {}, {"layer": i, "linears": {}}
     solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record, world=world)
     reduce = world.reduce_hessian if world is not None else None
@@ -115,10 +119,16 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
         with clock("forward"):
             runner.forward(layer, hidden, out=out)
         return quantized, record
+    if equalizer is not None and (world is not None or not cfg.true_sequential):
+        raise ValueError("equalization in the staged pass needs one process and true-sequential groups")
     stages = StagedForward(runner, layer, hidden, out)
-    for group, inputs in zip(SEQUENTIAL_GROUPS, stages.group_inputs()):
+    for k, (group, inputs) in enumerate(zip(SEQUENTIAL_GROUPS, stages.group_inputs())):
         with clock("hessian"):
-            H = stage_hessian(runner.batched(hidden, inputs()), accumulate, reduce=reduce)
+            H, mean_abs = stage_statistics(runner.batched(hidden, inputs()), accumulate, reduce=reduce,
+                                           mean_abs=equalizer is not None)
+        if equalizer is not None:
+            with clock("equalize"):
+                H = equalizer.fold(k, H, mean_abs, quantized, record["linears"], stages)
         solve(group, H)
         del H
     with clock("forward"):
@@ -130,12 +140,24 @@ def stage_hessian(inputs: Iterable[torch.Tensor], accumulate: Callable = accumul
                   reduce: Callable | None = None) -> torch.Tensor | None:
     """The Hessian 2/n Σ x xᵀ of one stage's inputs (chunks [..., features]), in chunk order;
     `reduce(H, count)` (-> (H, total)) sums it with the other ranks' when there are any."""
-    H, count = None, 0
+    return stage_statistics(inputs, accumulate, reduce)[0]
+
+
+def stage_statistics(inputs: Iterable[torch.Tensor], accumulate: Callable = accumulate_hessian,
+                     reduce: Callable | None = None, mean_abs: bool = False):
+    """(`stage_hessian`'s Hessian, and with `mean_abs` the inputs' mean |x| per feature in float32,
+    else None), from one pass over the inputs. The mean stays this process's (no `reduce`)."""
+    H, count, sums = None, 0, None
     for X in inputs:
-        H, count = accumulate(H, count, X.reshape(-1, X.shape[-1]))
+        X = X.reshape(-1, X.shape[-1])
+        H, count = accumulate(H, count, X)
+        if mean_abs:
+            a = X.abs().sum(dim=0, dtype=torch.float32)
+            sums = a if sums is None else sums.add_(a)
+    means = sums / max(1, count) if sums is not None else None
     if reduce is not None and H is not None:
         H, count = reduce(H, count)
-    return H
+    return H, means
 
 
 def _solve_group(i: int, layer, cfg: LayerQuantConfig, bar, log, clock, quantized: dict, record: dict,

@@ -281,6 +281,11 @@ class StagedForward:
             self._store(self.out, rows, h_mid + self.layer.mlp.down_proj(product))
         return self.out
 
+    def rescale_attention(self, s: torch.Tensor) -> None:
+        """Divide the kept attention output (o_proj's input, per channel) by `s`: what v_proj with
+        its rows divided by `s` gives, attention being linear in v (the v → o equalization)."""
+        self.attn.div_(s.to(device=self.attn.device, dtype=self.attn.dtype))
+
     def group_inputs(self) -> tuple[Callable[[], Iterator[torch.Tensor]], ...]:
         """One stage per group of `architecture.SEQUENTIAL_GROUPS`, in order."""
         return (self.qkv_inputs, self.o_inputs, self.gate_up_inputs, self.down_inputs)

@@ -71,7 +71,7 @@ def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int
 
     io = io_seconds(source_bytes)
     clip = getattr(options, "mse", 0) > 0 or getattr(options, "clip", "none") != "none"
-    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=clip)
+    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=clip, equalize=bool(getattr(options, "equalize", False)))
     return 0.6 * compute + io, 1.6 * compute + 2 * io
 
 
