@@ -65,6 +65,11 @@ CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = m
     "3b-g128-static-hclip-eq": (3, 128, True, 0.0),
     "2b-g64-act-gloss-eq": (2, 64, True, 0.0),
     "4b-g128-act-gloss": (4, 128, True, 0.0),  # the cost of --equalize: the same without it
+    # coordinate descent on the codes (--refine SWEEPS, methods/refine.py) after the configuration above
+    "4b-g128-act-gloss-eq-cd2": (4, 128, True, 0.0),
+    "3b-g128-act-gloss-eq-cd2": (3, 128, True, 0.0),
+    "4b-g128-act-gloss-eq-cd4": (4, 128, True, 0.0),
+    "3b-g128-act-gloss-eq-cd4": (3, 128, True, 0.0),
     # AutoRound's runs (impl "autoround", bench/autoround_run.py; sign-gradient rounding, no act-order)
     "4b-g128-autoround": (4, 128, False, 0.0),
     "3b-g128-autoround": (3, 128, False, 0.0),
@@ -83,6 +88,8 @@ OURS_EXTRA = {  # config -> flags only our run takes
     "3b-g128-static-hclip-eq": ["--static-groups", "--clip", "hessian", "--equalize"],
     "2b-g64-act-gloss-eq": ["--clip", "gptq-loss", "--equalize"],
     "4b-g128-act-gloss": ["--clip", "gptq-loss"],
+    **{f"{b}-g128-act-gloss-eq-cd{n}": ["--clip", "gptq-loss", "--equalize", "--refine", str(n)]
+       for b in ("4b", "3b") for n in (2, 4)},
 }
 # GPTQModel's best: act-order + its mse (raced at 4 and 3 bits only)
 PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA if name[:2] in ("4b", "3b")}

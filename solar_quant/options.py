@@ -57,6 +57,8 @@ class GptqOptions(Frozen):
     block_size: int = Field(128, gt=0)
     true_sequential: bool = True
     equalize: bool = False  # activation-aware equalization before quantizing each layer (needs calibration)
+    # sweeps of coordinate descent on GPTQ's codes under the layer loss (gptq only; methods/refine.py)
+    refine: int = Field(0, ge=0, le=100)
 
     @field_validator("group_size")
     @classmethod
@@ -87,6 +89,9 @@ class AwqOptions(GptqOptions):
         if self.clip != "none" and self.solver == "rtn":
             raise ValueError(f"clip {self.clip!r} searches under the Hessians that only solver 'gptq' collects; "
                              "use mse with solver 'rtn', or solver 'gptq'")
+        if self.refine and self.solver == "rtn":
+            raise ValueError(f"refine {self.refine} descends on the layer loss under the Hessians that only solver "
+                             "'gptq' collects; use solver 'gptq', or refine 0")
         return self
 
 

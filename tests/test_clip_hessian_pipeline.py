@@ -51,7 +51,7 @@ def test_resume_point_saved_before_new_options_existed_still_resumes(tiny_llama,
     cli(*args, env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
     path = tmp_path / ".q.partial" / ".job" / "job.json"
     job = json.loads(path.read_text())
-    for key in ("equalize", "clip"):
+    for key in ("equalize", "clip", "refine"):
         job["options"].pop(key)
     path.write_text(json.dumps(job))
 

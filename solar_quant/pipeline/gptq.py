@@ -215,6 +215,7 @@ def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
     return LayerQuantConfig(method=getattr(gptq, "solver", gptq.method), bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym,
                             mse=gptq.mse, clip="" if gptq.clip == "none" else gptq.clip, act_order=gptq.act_order, static_groups=gptq.static_groups,
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential,
+                            refine=getattr(gptq, "refine", 0),
                             column_loop=column_loop_from_env())
 
 

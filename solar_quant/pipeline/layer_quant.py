@@ -27,6 +27,7 @@ from solar_quant.methods.gptq import (accumulate_hessian, gptq_quantize, gptq_qu
 from solar_quant.methods.gptq_fused import column_loop_for, compiled_columns
 from solar_quant.methods.grid import QuantSpec
 from solar_quant.methods.quantized import assemble
+from solar_quant.methods.refine import damped, refine_codes
 from solar_quant.methods.rtn import rtn_quantize
 from solar_quant.pipeline.layers import StagedForward, capture_inputs
 
@@ -48,6 +49,7 @@ class LayerQuantConfig:
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    refine: int = 0  # sweeps of coordinate descent on GPTQ's codes (methods/refine.py); 0: off
     column_loop: str = "auto"  # GPTQ's column loop: "eager", "compiled" or "auto" (methods/gptq_fused.py)
 
     @property
@@ -266,9 +268,21 @@ def one_cpu_thread(device: torch.device):
 def _quantize_weights(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log) -> list:
     if H is None:
         return [rtn_quantize(W, spec) for W in Ws]
-    return gptq_quantize_shared(Ws, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order,
-                                static_groups=cfg.static_groups, log=lambda m: log(f"{label}: {m}"),
-                                fused=_column_loop(Ws[0].device, cfg))
+    kwargs = dict(blocksize=cfg.block_size, percdamp=cfg.damp, actorder=cfg.act_order, static_groups=cfg.static_groups,
+                  log=lambda m: log(f"{label}: {m}"), fused=_column_loop(Ws[0].device, cfg))
+    if not cfg.refine:
+        return gptq_quantize_shared(Ws, H, spec, **kwargs)
+    W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+    q = _refined(W, H, gptq_quantize(W, H, spec, **kwargs), cfg)
+    return split_rows(q, [w.shape[0] for w in Ws]) if len(Ws) > 1 else [q]
+
+
+def _refined(W: torch.Tensor, H: torch.Tensor, q, cfg: LayerQuantConfig):
+    """`q` after `cfg.refine` coordinate-descent sweeps under the damped Hessian GPTQ solved on
+    (rows are independent: a share of the rows refines alone); `q` itself when refine is 0."""
+    if not cfg.refine:
+        return q
+    return refine_codes(W, damped(H, q.damp_used), q, cfg.bits, sweeps=cfg.refine)
 
 
 def _column_loop(device: torch.device, cfg: LayerQuantConfig):
@@ -287,6 +301,7 @@ def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, lo
     q = gptq_quantize(W, H, spec, blocksize=cfg.block_size, percdamp=cfg.damp,
                       actorder=cfg.act_order, static_groups=cfg.static_groups,
                       log=(lambda m: log(f"{label}: {m}")) if world.is_main else None, fused=_column_loop(W.device, cfg))
+    q = _refined(W, H, q, cfg)
     row_record = world.gather_rows(_row_sums(W, q.dequant, H), n)
     del W
     codes = world.gather_rows(q.intweight.to(torch.uint8), n).to(torch.int32)

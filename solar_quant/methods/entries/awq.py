@@ -21,6 +21,9 @@ def cli_options(flags: dict) -> dict:
     if flags.get("clip") in ("hessian", "hessian-diag", "gptq-loss"):
         raise OptionError(f"--clip {flags['clip']}: the Hessian-weighted clipping search needs the Hessians that only "
                           "GPTQ collects; use --clip mse with awq, or --method gptq --equalize")
+    if flags.get("refine"):
+        raise OptionError(f"--refine {flags['refine']}: the coordinate descent runs on the layer loss under the "
+                          "Hessians that only GPTQ collects; use --method gptq --equalize --refine")
     fields = gptq.cli_options("awq", flags)
     fields.pop("equalize", None)
     return fields

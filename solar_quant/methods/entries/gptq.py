@@ -6,7 +6,7 @@ from solar_quant.errors import OptionError
 from solar_quant.options import GptqOptions
 from solar_quant.registry import MethodEntry, Variant, register_method
 
-GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "clip", "block_size", "equalize")
+GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "clip", "block_size", "equalize", "refine")
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None,
@@ -51,6 +51,7 @@ def describe_grid(o: dict, name: str) -> str:
     clip += {"hessian": "Hessian-weighted clipping search, ", "hessian-diag": "clipping search weighted by the Hessian "
              "diagonal, ", "gptq-loss": "clipping search under GPTQ's loss, "}.get(o.get("clip") or "none", "")
     clip += "activation-aware equalization, " if o.get("equalize") else ""
+    clip += f"{o['refine']} coordinate-descent sweeps on the codes, " if o.get("refine") else ""
     return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
             f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
 

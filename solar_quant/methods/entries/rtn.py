@@ -13,6 +13,9 @@ def check_options(options: GptqOptions) -> None:
     if options.clip != "none":
         raise OptionError(f"--clip {options.clip}: the Hessian-weighted clipping search needs the Hessians that only "
                           "--method gptq collects; use --clip mse with rtn, or --method gptq")
+    if options.refine:
+        raise OptionError(f"--refine {options.refine}: the coordinate descent runs on the layer loss under the "
+                          "Hessians that only --method gptq collects; use --method gptq, or drop --refine")
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):
