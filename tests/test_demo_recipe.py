@@ -38,6 +38,10 @@ def test_estimate_grows_with_the_calibration_tokens(demo_model):
     assert clipped[0] > small[0]  # the clipping search costs solve time
     equalized = time_range_s(shape, "gptq", 32, 256, "cpu", 0, GptqOptions(method="gptq", equalize=True))
     assert equalized[0] > small[0]  # the exponent search adds its products
+    refined = [time_range_s(shape, "gptq", 32, 256, dev, 0, GptqOptions(method="gptq", refine=n))
+               for dev in ("cpu", "cuda") for n in (2, 4)]
+    assert refined[0][0] > small[0] and refined[1][0] > refined[0][0]  # each sweep adds its product
+    assert refined[3][0] > refined[2][0] > time_range_s(shape, "gptq", 32, 256, "cuda", 0)[0]
     assert time_range_s(shape, "gptq", 128, 2048, "cuda", 0)[1] < large[0]
 
 
@@ -50,6 +54,9 @@ def test_equalize_search_flop_counts_every_pair():
                        max_positions=128, tie_word_embeddings=False)
     per_layer = 2 * ((64 + 2 * 16) * 64**2 + 64 * 64**2 + 320 * 64**2 + 64 * 160**2)
     assert equalize_search_flop(shape) == 3 * ALPHA_GRID * per_layer
+    from solar_quant.pipeline.dry_run import refine_flop
+
+    assert refine_flop(shape, 0) == 0 and refine_flop(shape, 2) == 3 * 3 * per_layer
 
 
 def test_quantize_gptq_prints_its_expected_time_before_starting(tiny_llama, tmp_path):

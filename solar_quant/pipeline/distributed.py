@@ -157,6 +157,16 @@ class World:
         blocks = self._all_gather(acc.to(torch.float32))
         return torch.cat(blocks)[:flat.numel()].reshape(H.shape), total
 
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's `t` (same shape on every rank), added in rank order in float64:
+        the same float32 result on every rank and every run."""
+        if not self.distributed:
+            return t
+        acc = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        for part in self._all_gather(t.to(torch.float32).contiguous()):
+            acc += part
+        return acc.to(torch.float32)
+
     def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
         """Every rank's `rows(n)` block of a tensor (rows first), joined in rank order."""
         if not self.distributed:

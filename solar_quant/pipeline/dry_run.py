@@ -31,6 +31,13 @@ GPU_TOKEN_PARAM_PER_S = 7.9e12
 # the staged equalization). GPU: not measured; float32 products at an assumed 40 TFLOP/s.
 CPU_EQUALIZE_FLOP_PER_S = 1.7e11
 GPU_EQUALIZE_FLOP_PER_S = 4.0e13
+# --refine SWEEPS (methods/refine.py): per linear group, one [rows, K] x [K, K] product to start and one
+# per sweep, plus a column loop of ~8 small ops per column. CPU: 1.4e10 FLOP/s for the whole of it,
+# measured on SmolLM2's gate/up shape (3072 x 576, one sweep, one thread, the 2-core EPYC; the
+# solve runs on one thread). GPU: not measured; the column loop is assumed launch-bound at 80 µs
+# per column and sweep (8 launches of ~10 µs), the products at 40 TFLOP/s.
+CPU_REFINE_FLOP_PER_S = 1.4e10
+GPU_REFINE_S_PER_COLUMN = 8.0e-5
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
 
@@ -76,29 +83,42 @@ def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, dev
 
 
 def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False,
-                   equalize: bool = False) -> float:
+                   equalize: bool = False, refine: int = 0) -> float:
     """Point estimate of GPTQ's compute on an idle machine of the kind measured (see the constants)."""
     from solar_quant.memory import linear_params
 
     layer_params = linear_params(shape)
     token_params = nsamples * seqlen * shape.layers * (layer_params + 2 * seqlen * shape.hidden)
     search = equalize_search_flop(shape) if equalize else 0.0
+    descent = refine_flop(shape, refine)
     if device.startswith("cuda"):
-        return token_params / GPU_TOKEN_PARAM_PER_S + search / GPU_EQUALIZE_FLOP_PER_S
+        columns = shape.layers * sum(k for _, k in _group_shapes(shape))
+        return (token_params / GPU_TOKEN_PARAM_PER_S + search / GPU_EQUALIZE_FLOP_PER_S
+                + descent / GPU_EQUALIZE_FLOP_PER_S + refine * columns * GPU_REFINE_S_PER_COLUMN)
     solve = shape.layers * layer_params * CPU_SOLVE_S_PER_PARAM["clip" if clip else "plain"]
-    return token_params / CPU_TOKEN_PARAM_PER_S + solve + search / CPU_EQUALIZE_FLOP_PER_S
+    return (token_params / CPU_TOKEN_PARAM_PER_S + solve + search / CPU_EQUALIZE_FLOP_PER_S
+            + descent / CPU_REFINE_FLOP_PER_S)
+
+
+def _group_shapes(shape: LlamaShape) -> tuple[tuple[int, int], ...]:
+    """(rows, K) of each true-sequential group's stacked weights: q/k/v, o, gate/up, down."""
+    kv = shape.kv_heads * shape.head_dim
+    return ((shape.heads * shape.head_dim + 2 * kv, shape.hidden), (shape.hidden, shape.heads * shape.head_dim),
+            (2 * shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate))
+
+
+def refine_flop(shape: LlamaShape, sweeps: int) -> float:
+    """--refine's products over all layers: 2 · rows · K² per group to start and per sweep."""
+    if not sweeps:
+        return 0.0
+    return float(shape.layers * (sweeps + 1) * sum(2 * rows * k * k for rows, k in _group_shapes(shape)))
 
 
 def equalize_search_flop(shape: LlamaShape) -> float:
     """The exponent search's products over all layers: per exponent and pair, 2 · rows · K²."""
     from solar_quant.methods.awq import ALPHA_GRID
 
-    kv = shape.kv_heads * shape.head_dim
-    pairs = ((shape.heads * shape.head_dim + 2 * kv, shape.hidden),  # q/k/v reading the normed input
-             (shape.hidden, shape.heads * shape.head_dim),  # o_proj
-             (2 * shape.intermediate, shape.hidden),  # gate/up
-             (shape.hidden, shape.intermediate))  # down_proj
-    return float(shape.layers * ALPHA_GRID * sum(2 * rows * k * k for rows, k in pairs))
+    return float(shape.layers * ALPHA_GRID * sum(2 * rows * k * k for rows, k in _group_shapes(shape)))
 
 
 def _minutes(seconds: float) -> str:

@@ -116,8 +116,11 @@ class StageEqualizer:
     (`layer_quant.quantize_layer` calls `fold`); `finish` checks the layer and returns what
     `equalize_layer` returns."""
 
-    def __init__(self, layer, cfg, i: int = 0):
-        self.layer, self.cfg, self.i = layer, cfg, i
+    def __init__(self, layer, cfg, i: int = 0, world=None):
+        """`world` (a `pipeline.distributed.World`; None: one process): rank 0 searches each pair on
+        the statistics summed over every rank and sends the scales to the others, so every rank
+        folds the same scales whatever its floats would have chosen."""
+        self.layer, self.cfg, self.i, self.world = layer, cfg, i, world
         self.record: dict = {}
         self.scales: dict[str, torch.Tensor] = {}
         # the linears a later pair rescales (v_proj, up_proj): their weights as solved and their
@@ -137,8 +140,7 @@ class StageEqualizer:
         if H is None:
             raise NumericsError(f"{where}: no calibration inputs reached it")
         kv_groups, head_dim = gqa_shape(layer) if pair.gqa else (1, 0)
-        Ws = [layer.get_submodule(n).weight.detach() for n in pair.linears]
-        choice = search_scales(Ws, H, mean_abs, self.cfg.spec, kv_groups=kv_groups, head_dim=head_dim)
+        choice = self._search(layer, pair, H, mean_abs, kv_groups, head_dim)
         check_scales(choice.scales, where)
         s = choice.scales.to(H.device)
         if pair.prev in quantized:  # a linear an earlier stage quantized: divide its rows' group scales
@@ -165,6 +167,20 @@ class StageEqualizer:
                 self._kept[name] = (layer.get_submodule(name).weight.detach().to("cpu", copy=True),
                                     H.to("cpu", copy=True))
         return H
+
+    def _search(self, layer, pair, H, mean_abs, kv_groups: int, head_dim: int):
+        """The pair's search (`search_scales`), on rank 0 only when there are several ranks."""
+        world = self.world
+        choice = None
+        if world is None or world.is_main:
+            Ws = [layer.get_submodule(n).weight.detach() for n in pair.linears]
+            choice = search_scales(Ws, H, mean_abs, self.cfg.spec, kv_groups=kv_groups, head_dim=head_dim)
+        if world is None or not world.distributed:
+            return choice
+        sent = None if choice is None else (choice.alpha, choice.error, choice.error_plain,
+                                            choice.scales.detach().to("cpu", torch.float32).contiguous())
+        alpha, error, plain, scales = world.share(sent)
+        return SimpleNamespace(alpha=alpha, error=error, error_plain=plain, scales=scales.to(H.device))
 
     def finish(self) -> tuple[dict, dict[str, torch.Tensor]]:
         _check_folded(self.layer, self.i)

@@ -176,9 +176,9 @@ def _check_distributed(gptq: GptqOptions) -> None:
     if gptq.method != "gptq":
         raise OptionError(f"--method {gptq.method}: rounds each weight alone, without calibration samples to share "
                           "between processes; run it in one process (without torchrun)")
-    if gptq.equalize:
-        raise OptionError("--equalize: not supported with several processes yet; run it in one process "
-                          "(without torchrun)")
+    if gptq.equalize and not gptq.true_sequential:
+        raise OptionError("--equalize without true-sequential groups gathers its statistics in a forward of its "
+                          "own, not shared between processes; run it in one process (without torchrun)")
 
 
 def _check_same_inputs(world: World, spec: dict) -> None:
@@ -387,7 +387,7 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
             equalized = equalizer = None
             if run.equalize:  # pipeline/equalize.py: the layer's function is unchanged by the folds
                 if run.cfg.needs_calibration and run.cfg.true_sequential:  # searched inside the staged pass
-                    equalizer = StageEqualizer(layer, run.cfg, i)
+                    equalizer = StageEqualizer(layer, run.cfg, i, world=world if world.distributed else None)
                 else:  # RTN: one forward for the statistics, folded before quantizing
                     equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
             hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
@@ -397,7 +397,8 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
             if equalizer is not None:
                 equalized, scales = equalizer.finish()
             if equalized is not None:
-                save_scales(run.staged.staging, i, scales)
+                if run.staged is not None:  # the rank that writes (rank 0)
+                    save_scales(run.staged.staging, i, scales)
                 record["equalization"] = equalized
             if runner is not None and hessian_runner is None:
                 runner.forward(layer, hidden, out=spare)

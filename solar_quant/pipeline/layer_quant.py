@@ -105,8 +105,11 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
     group is solved, its equalization pair is searched on the stage's inputs and folded, and the
     group is solved on the Hessian of the folded inputs (clock phase "equalize")."""
     quantized, record = {}, {"layer": i, "linears": {}}
-    solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record, world=world)
+    # with equalization every rank packs: a later fold rescales the packed rows of v_proj / up_proj
+    solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record, world=world,
+                              pack_all=equalizer is not None)
     reduce = world.reduce_hessian if world is not None else None
+    reduce_sum = world.reduce_sum if world is not None else None
     if runner is None:
         for group in SEQUENTIAL_GROUPS:
             solve(group, None)
@@ -121,13 +124,13 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
         with clock("forward"):
             runner.forward(layer, hidden, out=out)
         return quantized, record
-    if equalizer is not None and (world is not None or not cfg.true_sequential):
-        raise ValueError("equalization in the staged pass needs one process and true-sequential groups")
+    if equalizer is not None and not cfg.true_sequential:
+        raise ValueError("equalization in the staged pass needs true-sequential groups")
     stages = StagedForward(runner, layer, hidden, out)
     for k, (group, inputs) in enumerate(zip(SEQUENTIAL_GROUPS, stages.group_inputs())):
         with clock("hessian"):
             H, mean_abs = stage_statistics(runner.batched(hidden, inputs()), accumulate, reduce=reduce,
-                                           mean_abs=equalizer is not None)
+                                           mean_abs=equalizer is not None, reduce_sum=reduce_sum)
         if equalizer is not None:
             with clock("equalize"):
                 H = equalizer.fold(k, H, mean_abs, quantized, record["linears"], stages)
@@ -146,9 +149,10 @@ def stage_hessian(inputs: Iterable[torch.Tensor], accumulate: Callable = accumul
 
 
 def stage_statistics(inputs: Iterable[torch.Tensor], accumulate: Callable = accumulate_hessian,
-                     reduce: Callable | None = None, mean_abs: bool = False):
+                     reduce: Callable | None = None, mean_abs: bool = False, reduce_sum: Callable | None = None):
     """(`stage_hessian`'s Hessian, and with `mean_abs` the inputs' mean |x| per feature in float32,
-    else None), from one pass over the inputs. The mean stays this process's (no `reduce`)."""
+    else None), from one pass over the inputs. With several ranks, `reduce` sums the Hessian and
+    `reduce_sum(t)` the per-feature sums of |x| over every rank's tokens (the same mean everywhere)."""
     H, count, sums = None, 0, None
     for X in inputs:
         X = X.reshape(-1, X.shape[-1])
@@ -156,16 +160,19 @@ def stage_statistics(inputs: Iterable[torch.Tensor], accumulate: Callable = accu
         if mean_abs:
             a = X.abs().sum(dim=0, dtype=torch.float32)
             sums = a if sums is None else sums.add_(a)
-    means = sums / max(1, count) if sums is not None else None
     if reduce is not None and H is not None:
-        H, count = reduce(H, count)
+        H, total = reduce(H, count)
+        if sums is not None and reduce_sum is not None:
+            sums, count = reduce_sum(sums), total
+    means = sums / max(1, count) if sums is not None else None
     return H, means
 
 
 def _solve_group(i: int, layer, cfg: LayerQuantConfig, bar, log, clock, quantized: dict, record: dict,
-                 group: tuple[str, ...], H, world=None) -> None:
+                 group: tuple[str, ...], H, world=None, pack_all: bool = False) -> None:
     """Quantize one group's linears on Hessian `H` (None: RTN), write the dequantized weights
-    back, pack each linear where it was computed and fill `quantized` and `record`."""
+    back, pack each linear where it was computed and fill `quantized` and `record` (`quantized`:
+    on the rank that writes the layer, or on every rank with `pack_all`)."""
     names = [full_name(n) for n in group]
     weights = [layer.get_submodule(name).weight for name in names]
     label = ", ".join(layer_prefix(i) + n for n in names)
@@ -177,7 +184,7 @@ def _solve_group(i: int, layer, cfg: LayerQuantConfig, bar, log, clock, quantize
             record["linears"][name] = linear_record(weight, q, H) if rows is None else record_from_rows(q, rows)
         with clock("write_back"), torch.no_grad():
             weight.copy_(q.dequant)
-        if world is None or world.is_main:  # the rank that writes the layer packs it
+        if world is None or world.is_main or pack_all:  # the rank that writes the layer packs it
             # packed where it was computed: on a GPU, 1/8 of the int32 codes crosses to the host
             with clock("pack"):
                 on_device = pack(q, cfg.bits)

@@ -72,7 +72,8 @@ def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int
 
     io = io_seconds(source_bytes)
     clip = getattr(options, "mse", 0) > 0 or getattr(options, "clip", "none") != "none"
-    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=clip, equalize=bool(getattr(options, "equalize", False)))
+    compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=clip, equalize=bool(getattr(options, "equalize", False)),
+                             refine=int(getattr(options, "refine", 0) or 0))
     return 0.6 * compute + io, 1.6 * compute + 2 * io
 
 
