@@ -32,11 +32,12 @@ GPU_TOKEN_PARAM_PER_S = 7.9e12
 CPU_EQUALIZE_FLOP_PER_S = 1.7e11
 GPU_EQUALIZE_FLOP_PER_S = 4.0e13
 # --refine SWEEPS (methods/refine.py): per linear group, one [rows, K] x [K, K] product to start and one
-# per sweep, plus a column loop of ~8 small ops per column. CPU: 1.4e10 FLOP/s for the whole of it,
-# measured on SmolLM2's gate/up shape (3072 x 576, one sweep, one thread, the 2-core EPYC; the
-# solve runs on one thread). GPU: not measured; the column loop is assumed launch-bound at 80 µs
-# per column and sweep (8 launches of ~10 µs), the products at 40 TFLOP/s.
-CPU_REFINE_FLOP_PER_S = 1.4e10
+# per sweep, plus a column loop of ~8 small ops per column. CPU: 7e9 FLOP/s for the whole of it:
+# `--refine 2` added 73-78 s to a SmolLM2 run whose products count 520 GFLOP (64 x 512 tokens,
+# 3- and 4-bit, the 2-core EPYC; bench/README.md "Coordinate descent on the codes"; the solve runs
+# on one thread). GPU: not measured; the column loop is assumed launch-bound at 80 µs per column and
+# sweep (8 launches of ~10 µs), the products at 40 TFLOP/s.
+CPU_REFINE_FLOP_PER_S = 7.0e9
 GPU_REFINE_S_PER_COLUMN = 8.0e-5
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
