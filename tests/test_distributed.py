@@ -102,6 +102,17 @@ def _kl(p_logits, q_logits) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+def _kls(tiny_llama, one, two) -> tuple[float, float, float]:
+    """KL to fp16 of the 1- and 2-process variants on fixed random ids, and their KL to each other."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(5))
+    fp = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        lf, l1, l2 = fp(ids).logits, dequantized_reference(one)(ids).logits, dequantized_reference(two)(ids).logits
+    return _kl(lf, l1), _kl(lf, l2), _kl(l1, l2)
+
+
 def test_two_processes_match_one_within_tolerance(tiny_llama, one_process, two_processes):
     """Tolerance: the 2-process variant's KL to fp16 is within 10% of the 1-process variant's and
     the two variants' KL to each other is under 35% of it. They are not bit-equal: the Hessians are
@@ -109,18 +120,12 @@ def test_two_processes_match_one_within_tolerance(tiny_llama, one_process, two_p
     differences (measured: 2.5% of the codes, 2152 of 86016, on an AVX-512 Xeon; 5.9%, 5063, on a
     2-core AVX2 EPYC, whose float32 kernels sum in another order again). The code count only
     guards against a gross fault (a rank solving other rows); the KL bounds are the tolerance."""
-    from transformers import AutoModelForCausalLM
-
     a, b = _codes(one_process), _codes(two_processes)
     differ = sum(int((a[k] != b[k]).sum()) for k in a)
     total = sum(t.numel() for t in a.values())
     assert differ < 0.15 * total, (differ, total)
 
-    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(5))
-    fp = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    with torch.no_grad():
-        lf, l1, l2 = fp(ids).logits, dequantized_reference(one_process)(ids).logits, dequantized_reference(two_processes)(ids).logits
-    kl1, kl2, kl12 = _kl(lf, l1), _kl(lf, l2), _kl(l1, l2)
+    kl1, kl2, kl12 = _kls(tiny_llama, one_process, two_processes)
     assert abs(kl2 - kl1) < 0.1 * kl1, (kl1, kl2)
     # the two variants' own distance: 0.20 x kl1 measured on the 2-core EPYC (float-order flips alone)
     assert kl12 < 0.35 * kl1, (kl12, kl1)
@@ -147,8 +152,6 @@ def test_equalize_and_refine_under_two_processes(tiny_llama, calib_dir, tmp_path
     """--equalize (the mean |x| summed over the ranks, rank 0's search sent to all) and --refine
     (each rank refines its rows) under 2 processes: within the tolerance of one process, verified
     against the source and its recorded scales, and two 2-process runs byte-identical."""
-    from transformers import AutoModelForCausalLM
-
     one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
     cli("quantize", tiny_llama, one, *EQ_FLAGS, "--calibration", calib_dir, check=True, env=ENV)
     proc = torchrun(2, "quantize", tiny_llama, two, *EQ_FLAGS, "--calibration", calib_dir)
@@ -163,11 +166,7 @@ def test_equalize_and_refine_under_two_processes(tiny_llama, calib_dir, tmp_path
     # later pairs follow codes that float order already moved, and may pick a neighbouring one
     first = next(n for n, p in rec2["equalization"]["pairs"].items() if p["prev"] == "input_layernorm")
     assert rec1["layers"][0]["equalization"][first]["alpha"] == rec2["layers"][0]["equalization"][first]["alpha"]
-    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(5))
-    fp = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    with torch.no_grad():
-        lf, l1, l2 = fp(ids).logits, dequantized_reference(one)(ids).logits, dequantized_reference(two)(ids).logits
-    kl1, kl2 = _kl(lf, l1), _kl(lf, l2)
+    kl1, kl2, _ = _kls(tiny_llama, one, two)
     assert abs(kl2 - kl1) < 0.1 * kl1, (kl1, kl2)
     cli("verify", two, "--source", tiny_llama, check=True, env=ENV)
 

@@ -17,7 +17,8 @@ from test_gptq_pipeline import QUIET, _build, tiny_calib  # noqa: F401  (fixture
 
 from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize
 from solar_quant.methods.grid import QuantSpec
-from solar_quant.methods.refine import damped, layer_loss, refine_codes
+from solar_quant.methods.clip_hessian import quadratic_error
+from solar_quant.methods.refine import damped, refine_codes
 
 
 def _problem(seed: int, rows: int, cols: int, tokens: int = 256):
@@ -27,6 +28,11 @@ def _problem(seed: int, rows: int, cols: int, tokens: int = 256):
     H, _ = accumulate_hessian(None, 0, X)
     W = torch.randn(rows, cols, generator=g) * 0.05
     return W, H
+
+
+def layer_loss(W, Q, H):
+    """tr((W - Q) H (W - Q)^T) per row."""
+    return quadratic_error(W - Q, H)
 
 
 def _grid(q):
@@ -105,19 +111,18 @@ def test_refine_is_recorded_verified_and_lowers_the_recorded_output_error(tiny_l
     base = dict(bits=3, group_size=32, act_order=True)
     plain = _build(tiny_llama, tmp_path / "p", tiny_calib, **base)
     refined = _build(tiny_llama, tmp_path / "r", tiny_calib, refine=3, **base)
-    record = json.loads((refined / "solar_quant.json").read_text())
-    assert record["options"]["refine"] == 3
+    before, after = (json.loads((f / "solar_quant.json").read_text()) for f in (plain, refined))
+    assert after["options"]["refine"] == 3
     assert verify_variant(refined, tiny_llama, samples=2, log=lambda m: None) == []
 
-    def errors(folder):
-        rec = json.loads((folder / "solar_quant.json").read_text())
-        return [lin["rel_output_error"] for layer in rec["layers"] for lin in layer["linears"].values()]
+    def errors(record):
+        return [lin["rel_output_error"] for layer in record["layers"] for lin in layer["linears"].values()]
 
     # layer 0's inputs are the same for both, so its linears' errors compare one for one
-    first = [json.loads((f / "solar_quant.json").read_text())["layers"][0]["linears"] for f in (plain, refined)]
+    first = before["layers"][0]["linears"], after["layers"][0]["linears"]
     for name in first[0]:
         assert first[1][name]["rel_output_error"] <= first[0][name]["rel_output_error"] * (1 + 1e-4), name
-    assert sum(errors(refined)) < sum(errors(plain))
+    assert sum(errors(after)) < sum(errors(before))
 
 
 def test_refine_resumes_byte_identical(tiny_llama, tmp_path):

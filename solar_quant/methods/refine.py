@@ -28,16 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from solar_quant.methods.grid import quantize
+from solar_quant.methods.grid import dequantize, quantize
 from solar_quant.methods.quantized import QuantizedWeight, assemble
 
-__all__ = ["refine_codes", "layer_loss"]
-
-
-def layer_loss(W: Tensor, Q: Tensor, H: Tensor) -> Tensor:
-    """tr((W - Q) H (W - Q)^T) per row of W [N, K], in float32."""
-    E = W.to(torch.float32) - Q.to(torch.float32)
-    return ((E @ H.to(torch.float32)) * E).sum(dim=1)
+__all__ = ["refine_codes", "damped"]
 
 
 def damped(H: Tensor, damp: float) -> Tensor:
@@ -51,12 +45,12 @@ def damped(H: Tensor, damp: float) -> Tensor:
     return H
 
 
-def refine_codes(W: Tensor, H: Tensor, q: QuantizedWeight, bits: int, *, sweeps: int = 2, blocksize: int = 128,
-                 order: Tensor | None = None) -> QuantizedWeight:
+def refine_codes(W: Tensor, H: Tensor, q: QuantizedWeight, bits: int, *, sweeps: int = 2,
+                 blocksize: int = 128) -> QuantizedWeight:
     """`sweeps` rounds of coordinate descent on the codes of `q` (a quantization of `W` [N, K]) under
-    the loss tr((W - Q) H (W - Q)^T), `H` [K, K] as given (damp it first: `damped`). Columns whose
-    H_jj is 0 (no input reached them) keep their codes. `order`: the column order of each sweep
-    (a permutation of 0..K-1; default 0..K-1). Stops early after a sweep that changed no code.
+    the loss tr((W - Q) H (W - Q)^T), `H` [K, K] as given (damp it first: `damped`), columns in order.
+    Columns whose H_jj is 0 (no input reached them) keep their codes. Stops early after a sweep
+    that changed no code.
 
     Returns a QuantizedWeight with the same scales, zeros and g_idx, its codes refined; its stats
     are `q`'s plus "refine": {"sweeps": sweeps run, "changed": codes changed, "loss_before",
@@ -78,27 +72,26 @@ def refine_codes(W: Tensor, H: Tensor, q: QuantizedWeight, bits: int, *, sweeps:
     Gt = H @ (Wt - Qt)  # [K, N] = ((W - Q) H)^T, H symmetric
     before = float(((Wt - Qt) * Gt).sum())
     maxq = 2**bits - 1
-    cols = torch.arange(columns, device=W.device) if order is None else order.to(W.device).long()
     done, changed = 0, 0
     for _ in range(sweeps):
         start = Ct.clone()
         for b1 in range(0, columns, blocksize):
-            block = cols[b1:b1 + blocksize]
-            Hb = H[block][:, block]
-            Gb = Gt[block]  # a copy (advanced indexing)
-            Db = torch.zeros(block.numel(), rows, dtype=torch.float32, device=W.device)
+            b2 = min(b1 + blocksize, columns)
+            Hb = H[b1:b2, b1:b2]
+            Gb = Gt[b1:b2].clone()
+            Db = torch.zeros(b2 - b1, rows, dtype=torch.float32, device=W.device)
             h = torch.diagonal(Hb).tolist()
-            for t, j in enumerate(block.tolist()):
+            for t, j in enumerate(range(b1, b2)):
                 if h[t] <= 0:
                     continue
                 # the grid point nearest to this column's minimiser Q + G / H_jj, every row at once
-                c = torch.round((Qt[j] + Gb[t] / h[t]).div_(St[j])).add_(Zt[j]).clamp_(0, maxq)
-                new = (c - Zt[j]).mul_(St[j])
+                c = quantize(Qt[j] + Gb[t] / h[t], St[j], Zt[j], maxq)
+                new = dequantize(c, St[j], Zt[j])
                 d = torch.sub(new, Qt[j], out=Db[t])  # exactly 0 where the code stays
                 Qt[j] = new
                 Ct[j] = c
                 Gb[t + 1:].addr_(Hb[t + 1:, t], d, alpha=-1)
-            Gt.addmm_(H[:, block], Db, alpha=-1)  # e -= D on the block's columns: G^T -= H[:, block] D
+            Gt.addmm_(H[:, b1:b2], Db, alpha=-1)  # e -= D on the block's columns: G^T -= H[:, block] D
         moved = int((Ct != start).sum())
         done += 1
         changed += moved
