@@ -70,6 +70,8 @@ CONFIGS = {  # name -> (bits, group size, act-order, clipping search norm: 0 = m
     "3b-g128-act-gloss-eq-cd2": (3, 128, True, 0.0),
     "4b-g128-act-gloss-eq-cd4": (4, 128, True, 0.0),
     "3b-g128-act-gloss-eq-cd4": (3, 128, True, 0.0),
+    # targets from the unquantized model's inputs (--propagate ALPHA, methods/propagate.py): pp10 = 1.0, pp05 = 0.5
+    **{f"{b}b-g128-act-gloss-eq-pp{a}": (b, 128, True, 0.0) for b in (4, 3) for a in ("10", "05")},
     # AutoRound's runs (impl "autoround", bench/autoround_run.py; sign-gradient rounding, no act-order)
     "4b-g128-autoround": (4, 128, False, 0.0),
     "3b-g128-autoround": (3, 128, False, 0.0),
@@ -90,6 +92,8 @@ OURS_EXTRA = {  # config -> flags only our run takes
     "4b-g128-act-gloss": ["--clip", "gptq-loss"],
     **{f"{b}-g128-act-gloss-eq-cd{n}": ["--clip", "gptq-loss", "--equalize", "--refine", str(n)]
        for b in ("4b", "3b") for n in (2, 4)},
+    **{f"{b}-g128-act-gloss-eq-pp{a}": ["--clip", "gptq-loss", "--equalize", "--propagate", f"{int(a) / 10:g}"]
+       for b in ("4b", "3b") for a in ("10", "05")},
 }
 # GPTQModel's best: act-order + its mse (raced at 4 and 3 bits only)
 PEER_OF = {name: f"{name[:2]}-g128-act-mse" for name in OURS_EXTRA if name[:2] in ("4b", "3b")}

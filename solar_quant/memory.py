@@ -79,14 +79,20 @@ def largest_tensor_bytes(shape: LlamaShape) -> int:
     return max(shape.vocab * shape.hidden, largest_linear_params(shape)) * 2
 
 
-def quantize_host_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
+def quantize_host_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int, options=None) -> int:
     """Peak host memory of the streaming quantizer (excluding the Python/torch baseline), as the
     method's registry entry models it from the terms here: bnb holds a few copies of the largest
     tensor; RTN one layer in fp32; GPTQ adds both fp32 copies of the calibration activations and
-    two Hessians of the widest input."""
+    two Hessians of the widest input (`options`, where the entry takes them, refine it: GPTQ's
+    --propagate doubles the activations)."""
+    import inspect
+
     from solar_quant import registry
 
-    return registry.method(method).host_memory(shape, nsamples, seqlen)
+    estimate = registry.method(method).host_memory
+    if options is not None and "options" in inspect.signature(estimate).parameters:
+        return estimate(shape, nsamples, seqlen, options=options)
+    return estimate(shape, nsamples, seqlen)
 
 
 # -- GPTQ layer placement -------------------------------------------------------------------------

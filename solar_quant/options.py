@@ -59,6 +59,8 @@ class GptqOptions(Frozen):
     equalize: bool = False  # activation-aware equalization before quantizing each layer (needs calibration)
     # sweeps of coordinate descent on GPTQ's codes under the layer loss (gptq only; methods/refine.py)
     refine: int = Field(0, ge=0, le=100)
+    # α of the target from the unquantized model's inputs (gptq only; methods/propagate.py); 0: off
+    propagate: float = Field(0.0, ge=0, le=1)
 
     @field_validator("group_size")
     @classmethod
@@ -72,6 +74,9 @@ class GptqOptions(Frozen):
         if self.clip != "none" and self.mse:
             raise ValueError(f"clip {self.clip!r} and mse {self.mse:g} are two measures for one clipping search; "
                              "give one of them")
+        if self.propagate and not self.true_sequential:
+            raise ValueError(f"propagate {self.propagate:g} follows the unquantized inputs stage by stage, which needs "
+                             "true_sequential; set true_sequential, or propagate 0")
         return self
 
 
@@ -92,6 +97,9 @@ class AwqOptions(GptqOptions):
         if self.refine and self.solver == "rtn":
             raise ValueError(f"refine {self.refine} descends on the layer loss under the Hessians that only solver "
                              "'gptq' collects; use solver 'gptq', or refine 0")
+        if self.propagate and self.solver == "rtn":
+            raise ValueError(f"propagate {self.propagate:g} solves towards a target under the Hessians that only "
+                             "solver 'gptq' collects; use solver 'gptq', or propagate 0")
         return self
 
 

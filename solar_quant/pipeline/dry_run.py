@@ -39,6 +39,11 @@ GPU_EQUALIZE_FLOP_PER_S = 4.0e13
 # sweep (8 launches of ~10 µs), the products at 40 TFLOP/s.
 CPU_REFINE_FLOP_PER_S = 7.0e9
 GPU_REFINE_S_PER_COLUMN = 8.0e-5
+# --propagate ALPHA (methods/propagate.py): the unquantized copy of each layer runs its stages beside
+# the quantized one and each group's cross product costs what its Hessian does, so the forward term
+# counts twice; the targets' solves (a Cholesky of K x K and two [rows, K] x [K, K] products per
+# group) run at the equalization search's rate.
+PROPAGATE_FORWARDS = 2.0
 DISK_BYTES_PER_S = 1.0e9  # reading 16-bit shards and writing outputs (assumed)
 
 
@@ -65,9 +70,9 @@ def io_seconds(source_bytes: int) -> float:
     return 2 * source_bytes / DISK_BYTES_PER_S
 
 
-def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int) -> int:
+def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int, options=None) -> int:
     """Peak host memory of the streaming quantizer (excluding the Python/torch baseline): the method's own estimate."""
-    return quantize_host_bytes(shape, method, nsamples, seqlen)
+    return quantize_host_bytes(shape, method, nsamples, seqlen, options)
 
 
 def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int,
@@ -84,13 +89,14 @@ def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, dev
 
 
 def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False,
-                   equalize: bool = False, refine: int = 0) -> float:
+                   equalize: bool = False, refine: int = 0, propagate: bool = False) -> float:
     """Point estimate of GPTQ's compute on an idle machine of the kind measured (see the constants)."""
     from solar_quant.memory import linear_params
 
     layer_params = linear_params(shape)
     token_params = nsamples * seqlen * shape.layers * (layer_params + 2 * seqlen * shape.hidden)
-    search = equalize_search_flop(shape) if equalize else 0.0
+    token_params *= PROPAGATE_FORWARDS if propagate else 1.0
+    search = (equalize_search_flop(shape) if equalize else 0.0) + (propagate_flop(shape) if propagate else 0.0)
     descent = refine_flop(shape, refine)
     if device.startswith("cuda"):
         columns = shape.layers * sum(k for _, k in _group_shapes(shape))
@@ -113,6 +119,11 @@ def refine_flop(shape: LlamaShape, sweeps: int) -> float:
     if not sweeps:
         return 0.0
     return float(shape.layers * (sweeps + 1) * sum(2 * rows * k * k for rows, k in _group_shapes(shape)))
+
+
+def propagate_flop(shape: LlamaShape) -> float:
+    """--propagate's target solves over all layers: per group K³/3 + 4 · rows · K²."""
+    return float(shape.layers * sum(k ** 3 / 3 + 4 * rows * k * k for rows, k in _group_shapes(shape)))
 
 
 def equalize_search_flop(shape: LlamaShape) -> float:
@@ -170,7 +181,7 @@ def dry_run_text(recipe_path: str, model: str | None = None, out: str | None = N
         q = v.quantize
         variant = registry.method(q.method).variant(q)
         wb = weight_bytes(shape, variant)
-        mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen)
+        mem = host_memory_bytes(shape, q.method, c.nsamples, c.seqlen, q)
         lo, hi = time_range_s(shape, q.method, c.nsamples, c.seqlen, recipe.device, source_bytes, q)
         lines.append(f"- {v.name}: {variant.name}, rope {v.rope_scaling}, shards <= {v.shard_size}")
         lines.append(f"    output weights {wb / 1e9:.2f} GB ({wb:,} bytes); host memory while quantizing ~{mem / 1e9:.1f} GB; "

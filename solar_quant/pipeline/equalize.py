@@ -127,14 +127,24 @@ class StageEqualizer:
         # Hessian, on the CPU, so that their records can be made again for the rescaled rows
         self._rows_later = {p.prev for p in PAIRS if p.prev.startswith(("self_attn.", "mlp."))}
         self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._targets: dict[str, torch.Tensor] = {}  # with --propagate: those linears' targets, on the CPU
+
+    def keep_targets(self, targets: dict[str, torch.Tensor]) -> None:
+        """The propagated targets of a group about to be solved: kept for the linears a later pair
+        rescales, whose records measure the output error against them."""
+        for name, T in targets.items():
+            if name in self._kept:
+                self._targets[name] = T.detach().to("cpu", copy=True)
 
     def fold(self, k: int, H: torch.Tensor, mean_abs: torch.Tensor, quantized: dict, records: dict,
-             stages) -> torch.Tensor:
+             stages, cross: torch.Tensor | None = None) -> torch.Tensor:
         """Search pair k on its group's inputs (Gram matrix `H`, mean |x| `mean_abs`), fold it,
         and return the Hessian of the folded inputs. `quantized` / `records`: the layer's packed
         linears so far and their records (the pair's prev, when it is a linear, is among them; its
         record is made again for its rescaled rows); `stages`: the StagedForward whose kept
-        attention output the v → o fold rescales."""
+        attention output the v → o fold rescales. `cross` (--propagate: the cross product of the
+        unquantized and the quantized inputs) is rescaled in place like H: both inputs are divided
+        by the same scales in the folded layer."""
         layer, pair = self.layer, PAIRS[k]
         where = f"{layer_prefix(self.i)}{pair.prev} -> {', '.join(pair.linears)}"
         if H is None:
@@ -148,9 +158,12 @@ class StageEqualizer:
             weight = layer.get_submodule(pair.prev).weight
             rescale_rows(quantized[pair.prev], weight, s, self.cfg.bits)
             solved, H_prev = self._kept.pop(pair.prev)
+            target = self._targets.pop(pair.prev, None)
             W = solved.to(weight.device) / s[:, None]
+            T = target.to(weight.device) / s[:, None] if target is not None else None
             records[pair.prev].update(_errors(linear_record(W, SimpleNamespace(dequant=weight.detach(), damp_used=0.0,
-                                                                               stats={}), H_prev.to(weight.device))))
+                                                                               stats={}), H_prev.to(weight.device),
+                                                            target=T)))
             if pair.gqa:
                 stages.rescale_attention(expand_kv_scales(s, kv_groups, head_dim))
         else:
@@ -162,6 +175,8 @@ class StageEqualizer:
                                   "error_plain": _sig(choice.error_plain), "scales_sha256": _sha(cpu)}
         inv = s_cols.reciprocal().to(H.dtype)
         H = H.mul_(inv[:, None]).mul_(inv[None, :])
+        if cross is not None:
+            cross.mul_(inv[:, None]).mul_(inv[None, :])
         for name in pair.linears:
             if name in self._rows_later:  # solved next, rescaled by a later pair
                 self._kept[name] = (layer.get_submodule(name).weight.detach().to("cpu", copy=True),

@@ -215,7 +215,7 @@ def layer_config(gptq: GptqOptions) -> LayerQuantConfig:
     return LayerQuantConfig(method=getattr(gptq, "solver", gptq.method), bits=gptq.bits, group_size=gptq.group_size, sym=gptq.sym,
                             mse=gptq.mse, clip="" if gptq.clip == "none" else gptq.clip, act_order=gptq.act_order, static_groups=gptq.static_groups,
                             damp=gptq.damp, block_size=gptq.block_size, true_sequential=gptq.true_sequential,
-                            refine=getattr(gptq, "refine", 0),
+                            refine=getattr(gptq, "refine", 0), propagate=float(getattr(gptq, "propagate", 0.0)),
                             column_loop=column_loop_from_env())
 
 
@@ -321,11 +321,17 @@ def _run_layers(run: _Run) -> None:
             writer.add("model.embed_tokens.weight", _finite(reader, "model.embed_tokens.weight").to(torch.float16))
         if calib is not None:  # each rank embeds its own samples
             hidden = embed_tokens(reader, calib.input_ids[world.samples(calib.input_ids.shape[0])])
+            if run.cfg.propagate:  # the unquantized model's stream beside it (`_streams`)
+                hidden = torch.cat([hidden, hidden], dim=-1)
         _save_point(run, writer, hidden, 0)
         reader.release()  # the embedding table's pages (56 MB on SmolLM2) stop counting as ours before layer 0
     elif calib is not None and job.layers_done < shape.layers:
         full = job.load_hidden() if world.is_main else None
-        hidden = world.scatter_samples(full, (calib.input_ids.shape[0], calib.input_ids.shape[1], shape.hidden),
+        width = shape.hidden * (2 if run.cfg.propagate else 1)
+        if full is not None and full.shape[-1] != width:
+            raise OutputError(f"{job.dir}: the saved hidden states are {full.shape[-1]} wide, not {width}: "
+                              "the interrupted job was started with other options; start again without --resume")
+        hidden = world.scatter_samples(full, (calib.input_ids.shape[0], calib.input_ids.shape[1], width),
                                        world.share(full.dtype if full is not None else None))
         del full
 
@@ -384,6 +390,7 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
             layer = prefetch.take(i)
             if i + 1 < shape.layers:
                 prefetch.start(i + 1)
+            (h, out), reference = _streams(run, layer, hidden, spare)  # before any fold changes the layer
             equalized = equalizer = None
             if run.equalize:  # pipeline/equalize.py: the layer's function is unchanged by the folds
                 if run.cfg.needs_calibration and run.cfg.true_sequential:  # searched inside the staged pass
@@ -391,9 +398,10 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
                 else:  # RTN: one forward for the statistics, folded before quantizing
                     equalized, scales = equalize_layer(layer, runner, hidden, run.cfg, run.log, i)
             hessian_runner = runner if run.cfg.needs_calibration else None  # RTN after equalizing: no Hessians
-            quantized, record = _quantize_layer(i, layer, hessian_runner, hidden, run.cfg, linear_bar, run.log,
-                                                out=spare, world=world if world.distributed else None,
-                                                equalizer=equalizer)
+            quantized, record = _quantize_layer(i, layer, hessian_runner, h, run.cfg, linear_bar, run.log,
+                                                out=out, world=world if world.distributed else None,
+                                                equalizer=equalizer, reference=reference)
+            del h, out, reference
             if equalizer is not None:
                 equalized, scales = equalizer.finish()
             if equalized is not None:
@@ -423,6 +431,20 @@ def _layers(run: _Run, reader, writer, job: Job, runner, hidden, spare, prefetch
         raise
     finally:
         writes.close()
+
+
+def _streams(run: _Run, layer, hidden, spare):
+    """((the quantized model's states entering the layer, the buffer for its outputs), the
+    reference for `layer_quant.quantize_layer`). With --propagate the activations are [n, L, 2d]:
+    the quantized model's stream in the first d features, the unquantized model's in the last d,
+    so that resume points, placement and the ranks' scatter and gather carry both unchanged; the
+    reference is (an unquantized copy of the layer, its stream, its half of the output buffer)."""
+    if not run.cfg.propagate or hidden is None:
+        return (hidden, spare), None
+    import copy
+
+    d = hidden.shape[-1] // 2
+    return (hidden[..., :d], spare[..., :d]), (copy.deepcopy(layer), hidden[..., d:], spare[..., d:])
 
 
 def _commit_layer(run: _Run, writes: "_LayerWrites", job: Job, writer, hidden, i: int, record: dict, clock: dict,

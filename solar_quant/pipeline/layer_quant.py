@@ -26,6 +26,7 @@ from solar_quant.methods.gptq import (accumulate_hessian, gptq_quantize, gptq_qu
                                      stacked_rows)
 from solar_quant.methods.gptq_fused import column_loop_for, compiled_columns
 from solar_quant.methods.grid import QuantSpec
+from solar_quant.methods.propagate import accumulate_cross, propagated_target
 from solar_quant.methods.quantized import assemble
 from solar_quant.methods.refine import damped, refine_codes
 from solar_quant.methods.rtn import rtn_quantize
@@ -50,6 +51,7 @@ class LayerQuantConfig:
     block_size: int = 128
     true_sequential: bool = True
     refine: int = 0  # sweeps of coordinate descent on GPTQ's codes (methods/refine.py); 0: off
+    propagate: float = 0.0  # α of the target from the unquantized model's inputs (methods/propagate.py); 0: off
     column_loop: str = "auto"  # GPTQ's column loop: "eager", "compiled" or "auto" (methods/gptq_fused.py)
 
     @property
@@ -78,7 +80,7 @@ def linear_modules(layer) -> dict[str, torch.nn.Module]:
 def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, log,
                    clock: Callable[[str], contextlib.AbstractContextManager] = _no_clock,
                    accumulate: Callable = accumulate_hessian, out: torch.Tensor | None = None,
-                   world=None, equalizer=None) -> tuple[dict, dict]:
+                   world=None, equalizer=None, reference=None) -> tuple[dict, dict]:
     """Quantize the seven linears of `layer` in place (weights become their dequantized values)
     and, with calibration, write the quantized layer's outputs for `hidden` into `out` (the next
     layer's inputs; allocated like `hidden` when not given).
@@ -103,7 +105,14 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
 
     `equalizer` (a `pipeline.equalize.StageEqualizer`; true-sequential GPTQ only): before each
     group is solved, its equalization pair is searched on the stage's inputs and folded, and the
-    group is solved on the Hessian of the folded inputs (clock phase "equalize")."""
+    group is solved on the Hessian of the folded inputs (clock phase "equalize").
+
+    `reference` (`cfg.propagate` > 0; true-sequential GPTQ only): (the unquantized layer, its
+    inputs in the unquantized model, a buffer for its outputs). Its stages run beside the
+    quantized ones over the same samples; each group's cross product C of the unquantized and the
+    quantized inputs gives the group's target (`methods/propagate.py`), on which it is solved, and
+    the unquantized layer's outputs (the next layer's reference inputs) are written into the
+    buffer."""
     quantized, record = {}, {"layer": i, "linears": {}}
     # with equalization every rank packs: a later fold rescales the packed rows of v_proj / up_proj
     solve = functools.partial(_solve_group, i, layer, cfg, bar, log, clock, quantized, record, world=world,
@@ -126,18 +135,25 @@ def quantize_layer(i: int, layer, runner, hidden, cfg: LayerQuantConfig, bar, lo
         return quantized, record
     if equalizer is not None and not cfg.true_sequential:
         raise ValueError("equalization in the staged pass needs true-sequential groups")
+    if (reference is None) != (cfg.propagate == 0):
+        raise ValueError("propagate needs the unquantized layer and its inputs (reference), and only then")
     stages = StagedForward(runner, layer, hidden, out)
-    for k, (group, inputs) in enumerate(zip(SEQUENTIAL_GROUPS, stages.group_inputs())):
+    ref_stages = StagedForward(runner, *reference) if reference is not None else None
+    ref_inputs = ref_stages.group_inputs() if ref_stages is not None else (None,) * len(SEQUENTIAL_GROUPS)
+    for k, (group, inputs, ref) in enumerate(zip(SEQUENTIAL_GROUPS, stages.group_inputs(), ref_inputs)):
         with clock("hessian"):
-            H, mean_abs = stage_statistics(runner.batched(hidden, inputs()), accumulate, reduce=reduce,
-                                           mean_abs=equalizer is not None, reduce_sum=reduce_sum)
+            paired = runner.batched(reference[1], ref()) if ref is not None else None
+            H, mean_abs, C = stage_statistics(runner.batched(hidden, inputs()), accumulate, reduce=reduce,
+                                              mean_abs=equalizer is not None, reduce_sum=reduce_sum, paired=paired)
         if equalizer is not None:
             with clock("equalize"):
-                H = equalizer.fold(k, H, mean_abs, quantized, record["linears"], stages)
-        solve(group, H)
-        del H
+                H = equalizer.fold(k, H, mean_abs, quantized, record["linears"], stages, cross=C)
+        solve(group, H, C, equalizer=equalizer)
+        del H, C
     with clock("forward"):
         stages.finish()
+        if ref_stages is not None:
+            ref_stages.finish()
     return quantized, record
 
 
@@ -149,39 +165,59 @@ def stage_hessian(inputs: Iterable[torch.Tensor], accumulate: Callable = accumul
 
 
 def stage_statistics(inputs: Iterable[torch.Tensor], accumulate: Callable = accumulate_hessian,
-                     reduce: Callable | None = None, mean_abs: bool = False, reduce_sum: Callable | None = None):
-    """(`stage_hessian`'s Hessian, and with `mean_abs` the inputs' mean |x| per feature in float32,
-    else None), from one pass over the inputs. With several ranks, `reduce` sums the Hessian and
-    `reduce_sum(t)` the per-feature sums of |x| over every rank's tokens (the same mean everywhere)."""
-    H, count, sums = None, 0, None
+                     reduce: Callable | None = None, mean_abs: bool = False, reduce_sum: Callable | None = None,
+                     paired: Iterable[torch.Tensor] | None = None):
+    """(`stage_hessian`'s Hessian; with `mean_abs` the inputs' mean |x| per feature in float32,
+    else None; with `paired` (the unquantized model's inputs, chunk for chunk) the cross product
+    C = 2/n Σ x̃ xᵀ (`propagate.accumulate_cross`), else None), from one pass over the inputs.
+    With several ranks, `reduce` sums the Hessian (and C) and `reduce_sum(t)` the per-feature
+    sums of |x| over every rank's tokens (the same mean everywhere)."""
+    H, count, sums, C, cross_count = None, 0, None, None, 0
+    references = iter(paired) if paired is not None else None
     for X in inputs:
         X = X.reshape(-1, X.shape[-1])
         H, count = accumulate(H, count, X)
+        if references is not None:
+            C, cross_count = accumulate_cross(C, cross_count, X, next(references))
         if mean_abs:
             a = X.abs().sum(dim=0, dtype=torch.float32)
             sums = a if sums is None else sums.add_(a)
     if reduce is not None and H is not None:
         H, total = reduce(H, count)
+        if C is not None:
+            C = reduce(C, cross_count)[0]
         if sums is not None and reduce_sum is not None:
             sums, count = reduce_sum(sums), total
     means = sums / max(1, count) if sums is not None else None
-    return H, means
+    return H, means, C
 
 
 def _solve_group(i: int, layer, cfg: LayerQuantConfig, bar, log, clock, quantized: dict, record: dict,
-                 group: tuple[str, ...], H, world=None, pack_all: bool = False) -> None:
+                 group: tuple[str, ...], H, C=None, world=None, pack_all: bool = False, equalizer=None) -> None:
     """Quantize one group's linears on Hessian `H` (None: RTN), write the dequantized weights
     back, pack each linear where it was computed and fill `quantized` and `record` (`quantized`:
-    on the rank that writes the layer, or on every rank with `pack_all`)."""
+    on the rank that writes the layer, or on every rank with `pack_all`). `C` (with
+    `cfg.propagate`): the group's cross product with the unquantized inputs; the linears are
+    solved towards their propagated targets (`methods/propagate.py`), and each record's output
+    error is measured against the target, its weight error against the source weights."""
     names = [full_name(n) for n in group]
     weights = [layer.get_submodule(name).weight for name in names]
     label = ", ".join(layer_prefix(i) + n for n in names)
+    targets = None
+    if C is not None:
+        with clock("propagate"):
+            targets = _targets(label, weights, H, C, cfg)
+        if equalizer is not None:  # a later fold remakes the records of v_proj / up_proj
+            equalizer.keep_targets(dict(zip(names, targets)))
     with clock("solve"):
-        qs = _quantize_group(label, weights, H, cfg.spec, cfg, log, world)
-    for name, weight, q in zip(names, weights, qs):
+        qs = _quantize_group(label, targets or weights, H, cfg.spec, cfg, log, world,
+                             sources=weights if targets is not None else None)
+    for k, (name, weight, q) in enumerate(zip(names, weights, qs)):
         with clock("record"):
             rows = q.stats.get("row_record")  # split by rows across ranks: the sums of each rank's rows
-            record["linears"][name] = linear_record(weight, q, H) if rows is None else record_from_rows(q, rows)
+            target = targets[k] if targets is not None else None
+            record["linears"][name] = (linear_record(weight, q, H, target=target) if rows is None
+                                       else record_from_rows(q, rows))
         with clock("write_back"), torch.no_grad():
             weight.copy_(q.dequant)
         if world is None or world.is_main or pack_all:  # the rank that writes the layer packs it
@@ -241,8 +277,23 @@ def collect_hessians(layer, runner, hidden, names: list[str], accumulate: Callab
     return {n: H for n, (H, _) in state.items()}
 
 
+def _targets(label: str, weights: list[torch.Tensor], H, C, cfg: LayerQuantConfig) -> list[torch.Tensor]:
+    """The group's propagated targets (one solve for the stacked rows: they share H and C)."""
+    Ws = [w.detach().to(torch.float32) for w in weights]
+    try:
+        if not H.any():
+            raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
+                                "check the source weights (e.g. a zeroed layer norm) or the calibration data")
+        T = propagated_target(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, C, alpha=cfg.propagate, damp=cfg.damp)
+    except NumericsError as e:
+        raise NumericsError(f"{label}: --propagate: {e}") from None
+    return list(T.split([w.shape[0] for w in Ws])) if len(Ws) > 1 else [T]
+
+
 def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec, cfg: LayerQuantConfig, log,
-                    world=None) -> list:
+                    world=None, sources: list[torch.Tensor] | None = None) -> list:
+    """Solve `weights` on `H`; `sources` (with --propagate, where `weights` are the targets): the
+    source weights the split-by-rows records measure the weight error against."""
     Ws = [w.detach().to(torch.float32) for w in weights]
     try:
         with one_cpu_thread(Ws[0].device):
@@ -250,7 +301,8 @@ def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec,
                 raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
                                     "check the source weights (e.g. a zeroed layer norm) or the calibration data")
             if world is not None and world.distributed and H is not None:
-                return _quantize_rows(Ws, H, spec, cfg, label, log, world)
+                return _quantize_rows(Ws, H, spec, cfg, label, log, world,
+                                      sources=[w.detach().to(torch.float32) for w in sources] if sources else None)
             return _quantize_weights(Ws, H, spec, cfg, label, log)
     except NumericsError as e:
         raise NumericsError(f"{label}: {e}") from None
@@ -297,7 +349,7 @@ def _column_loop(device: torch.device, cfg: LayerQuantConfig):
     return compiled_columns() if column_loop_for(device, cfg.column_loop) == "compiled" else None
 
 
-def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log, world) -> list:
+def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, log, world, sources=None) -> list:
     """This rank's share of the stacked rows solved on the shared `H`, then every rank's share
     gathered (codes as uint8, the per-group scales and zeros, the row losses), so every rank
     holds the whole group's result; its dequantized values are rebuilt from the gathered codes
@@ -309,8 +361,9 @@ def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, lo
                       actorder=cfg.act_order, static_groups=cfg.static_groups,
                       log=(lambda m: log(f"{label}: {m}")) if world.is_main else None, fused=_column_loop(W.device, cfg))
     q = _refined(W, H, q, cfg)
-    row_record = world.gather_rows(_row_sums(W, q.dequant, H), n)
-    del W
+    source = stacked_rows(sources, world.rows(n)) if sources is not None else None
+    row_record = world.gather_rows(_row_sums(W if source is None else source, q.dequant, H, target=W), n)
+    del W, source
     codes = world.gather_rows(q.intweight.to(torch.uint8), n).to(torch.int32)
     scales = world.gather_rows(q.scales.t().contiguous(), n).t()
     zeros = world.gather_rows(q.zeros.t().contiguous(), n).t()
@@ -325,10 +378,12 @@ def _quantize_rows(Ws, H, spec: QuantSpec, cfg: LayerQuantConfig, label: str, lo
     return parts
 
 
-def _row_sums(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """Per row: ‖w‖², ‖w−q‖², (w−q) H (w−q)ᵀ, w H wᵀ — what `linear_record` sums, [rows, 4]."""
-    dW = W - Q
-    return torch.stack([(W * W).sum(1), (dW * dW).sum(1), ((dW @ H) * dW).sum(1), ((W @ H) * W).sum(1)], dim=1)
+def _row_sums(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row: ‖w‖², ‖w−q‖², (t−q) H (t−q)ᵀ, t H tᵀ — what `linear_record` sums, [rows, 4]; t is
+    the row's target (`target`, with --propagate) or w itself."""
+    T = W if target is None else target
+    dW, dT = W - Q, T - Q
+    return torch.stack([(W * W).sum(1), (dW * dW).sum(1), ((dT @ H) * dT).sum(1), ((T @ H) * T).sum(1)], dim=1)
 
 
 def record_from_rows(q, rows: torch.Tensor) -> dict:
@@ -342,14 +397,17 @@ def record_from_rows(q, rows: torch.Tensor) -> dict:
     return out
 
 
-def linear_record(weight: torch.Tensor, q, H) -> dict:
+def linear_record(weight: torch.Tensor, q, H, target: torch.Tensor | None = None) -> dict:
     """Relative weight error ‖W−Q‖/‖W‖ and, given the Hessian, relative output error
-    sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) = ‖(W−Q)X‖/‖WX‖ over the calibration inputs."""
+    sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) = ‖(W−Q)X‖/‖WX‖ over the calibration inputs; with `target`
+    (--propagate) the output error is the target's, ‖(T−Q)X‖/‖TX‖ (what the solve minimised)."""
     W = weight.detach().to(torch.float32)
     dW = W - q.dequant.to(W.device)
     out = {"rel_weight_error": _sig(dW.norm() / W.norm().clamp_min(1e-30)), "rel_output_error": None}
     if H is not None:
-        out["rel_output_error"] = _sig(torch.sqrt(((dW @ H) * dW).sum() / ((W @ H) * W).sum().clamp_min(1e-30)))
+        T = W if target is None else target.to(device=W.device, dtype=torch.float32)
+        dT = T - q.dequant.to(W.device)
+        out["rel_output_error"] = _sig(torch.sqrt(((dT @ H) * dT).sum() / ((T @ H) * T).sum().clamp_min(1e-30)))
     out["damp"] = float(q.damp_used)
     for key in ("loss", "dead_columns", "cholesky_retries"):
         if key in q.stats:

@@ -13,7 +13,7 @@ PARTIAL_GROUP_REFUSERS = ("transformers' default CPU kernel for 4-bit (GPTQModel
 
 # Options added after the first jobs were saved, with the value that does what those jobs did: a
 # resume point saved before an option existed matches a run that leaves it at this value.
-ADDED_OPTIONS = {"equalize": False, "clip": "none", "refine": 0}
+ADDED_OPTIONS = {"equalize": False, "clip": "none", "refine": 0, "propagate": 0.0}
 
 
 def recorded_options(gptq, output, device) -> dict:

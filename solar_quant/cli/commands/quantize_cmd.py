@@ -44,6 +44,7 @@ def quantize(
     block_size: Annotated[int, typer.Option("--block-size", help="gptq: columns per lazy-update block.")] = 128,
     equalize: Annotated[bool, typer.Option("--equalize", help="gptq/rtn: activation-aware equalization (AWQ scales folded into the 16-bit norms and linears) before quantizing; needs calibration.")] = False,
     refine: Annotated[int, typer.Option("--refine", metavar="SWEEPS", help="gptq: sweeps of coordinate descent on GPTQ's codes, each code moved to the grid point that lowers the layer's output error most (QuantEase); 0: off.")] = 0,
+    propagate: Annotated[float, typer.Option("--propagate", metavar="ALPHA", help="gptq: solve each linear towards the unquantized model's output (its inputs carried through an unquantized copy of each layer), the target moved ALPHA of the way, 0..1; 0: off. Doubles the calibration activations.")] = 0.0,
     calibration: o.CalibrationArtifact = None,
     source: o.CalibSource = None,
     fmt: o.CalibFormat = None,
@@ -79,7 +80,8 @@ def quantize(
     entry = registry.method(method)
     flags = dict(double_quant=double_quant, compute_dtype=compute_dtype, skip_modules=skip_modules, bits=bits,
                  group_size=group_size, act_order=act_order, static_groups=static_groups, sym=sym, damp=damp, mse=mse,
-                 clip=clip, block_size=block_size, equalize=equalize, refine=refine)
+                 clip=clip, block_size=block_size, equalize=equalize, refine=refine,
+                 propagate=propagate)
     options = build(entry.options, **entry.cli_options(flags))
     world = _join_world(entry, method, device, out)
     try:

@@ -24,14 +24,17 @@ def cli_options(flags: dict) -> dict:
     if flags.get("refine"):
         raise OptionError(f"--refine {flags['refine']}: the coordinate descent runs on the layer loss under the "
                           "Hessians that only GPTQ collects; use --method gptq --equalize --refine")
+    if flags.get("propagate"):
+        raise OptionError(f"--propagate {flags['propagate']:g}: the propagated target is solved for under the Hessians "
+                          "that only GPTQ collects; use --method gptq --equalize --propagate")
     fields = gptq.cli_options("awq", flags)
     fields.pop("equalize", None)
     return fields
 
 
-def host_memory(shape, nsamples: int, seqlen: int) -> int:
+def host_memory(shape, nsamples: int, seqlen: int, options=None) -> int:
     """GPTQ's: the layer's calibration activations and the Gram matrices of the scale search."""
-    return gptq.host_memory(shape, nsamples, seqlen)
+    return gptq.host_memory(shape, nsamples, seqlen, options)
 
 
 def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:

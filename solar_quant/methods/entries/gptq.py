@@ -6,7 +6,8 @@ from solar_quant.errors import OptionError
 from solar_quant.options import GptqOptions
 from solar_quant.registry import MethodEntry, Variant, register_method
 
-GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "clip", "block_size", "equalize", "refine")
+GPTQ_FLAGS = ("bits", "group_size", "act_order", "static_groups", "sym", "damp", "mse", "clip", "block_size", "equalize", "refine",
+              "propagate")
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None,
@@ -52,18 +53,22 @@ def describe_grid(o: dict, name: str) -> str:
              "diagonal, ", "gptq-loss": "clipping search under GPTQ's loss, "}.get(o.get("clip") or "none", "")
     clip += "activation-aware equalization, " if o.get("equalize") else ""
     clip += f"{o['refine']} coordinate-descent sweeps on the codes, " if o.get("refine") else ""
+    clip += f"targets from the unquantized model's inputs (alpha {o['propagate']:g}), " if o.get("propagate") else ""
     return (f"A {name} {o.get('bits')}-bit variant ({grouping}, {'act-order, ' if o.get('act_order') else ''}{clip}"
             f"{'symmetric' if o.get('sym', True) else 'asymmetric'})")
 
 
-def host_memory(shape, nsamples: int, seqlen: int) -> int:
+def host_memory(shape, nsamples: int, seqlen: int, options=None) -> int:
     """Two layers in fp32 (the one quantized and the next, read meanwhile), the calibration
-    activations entering and leaving it, two Hessians."""
+    activations entering and leaving it, two Hessians. --propagate: the unquantized model's
+    activations beside them (twice the activations), a third layer (its unquantized copy) and
+    the cross product beside the Hessian."""
     from solar_quant.memory import FP32, calibration_activation_bytes, largest_tensor_bytes, linear_params
 
-    acts = calibration_activation_bytes(nsamples, seqlen, shape.hidden, FP32)  # layer inputs and outputs
-    hessians = 2 * max(shape.hidden, shape.intermediate) ** 2 * FP32
-    return 2 * linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
+    streams = 2 if getattr(options, "propagate", 0) else 1
+    acts = calibration_activation_bytes(nsamples, seqlen, shape.hidden, FP32) * streams  # layer inputs and outputs
+    hessians = (1 + streams) * max(shape.hidden, shape.intermediate) ** 2 * FP32
+    return (1 + streams) * linear_params(shape) * FP32 + acts + hessians + 2 * largest_tensor_bytes(shape)
 
 
 def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int, options=None) -> tuple[float, float]:
@@ -73,7 +78,8 @@ def time_range(shape, nsamples: int, seqlen: int, device: str, source_bytes: int
     io = io_seconds(source_bytes)
     clip = getattr(options, "mse", 0) > 0 or getattr(options, "clip", "none") != "none"
     compute = gptq_compute_s(shape, nsamples, seqlen, device, clip=clip, equalize=bool(getattr(options, "equalize", False)),
-                             refine=int(getattr(options, "refine", 0) or 0))
+                             refine=int(getattr(options, "refine", 0) or 0),
+                             propagate=bool(getattr(options, "propagate", 0)))
     return 0.6 * compute + io, 1.6 * compute + 2 * io
 
 

@@ -16,6 +16,9 @@ def check_options(options: GptqOptions) -> None:
     if options.refine:
         raise OptionError(f"--refine {options.refine}: the coordinate descent runs on the layer loss under the "
                           "Hessians that only --method gptq collects; use --method gptq, or drop --refine")
+    if options.propagate:
+        raise OptionError(f"--propagate {options.propagate:g}: the propagated target is solved for under the Hessians "
+                          "that only --method gptq collects; use --method gptq, or drop --propagate")
 
 
 def build(src, out, options: GptqOptions, calib, output, *, device: str = "cpu", resume: bool = False, log=None):

@@ -1,0 +1,81 @@
+"""Quantization error propagation: GPTQ's target from the unquantized model's inputs (GPTAQ, QEP).
+
+GPTQ minimises ‖(W − Q) X‖² over the inputs X a linear receives in the partly quantized model;
+what the model should reproduce is the unquantized model's output W X̃, X̃ being the linear's
+inputs there. With H = X Xᵀ and C = X̃ Xᵀ, for every Q
+
+    ‖Q X − W X̃‖² = ‖(Q − W*) X‖² + ‖W* X − W X̃‖²,   W* = W C H⁻¹ = W + W (C − H) H⁻¹,
+
+because (W* X − W X̃) Xᵀ = W* H − W C = 0. So the asymmetric objective is GPTQ's own on the target
+W* (the second term does not depend on Q): the solver, the grid and the file format stay. The
+target is solved on the damped Hessian H + λI (a ridge towards W, λ as GPTQ damps) and taken a
+fraction α of the way (QEP's α: 1 is the whole correction, less trusts the calibration set less):
+
+    W' = W + α · W (C − H)(H + λI)⁻¹.
+
+Pure tensor functions; `pipeline/layer_quant.py` carries the unquantized inputs through the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from solar_quant.errors import NumericsError
+
+__all__ = ["accumulate_cross", "propagated_target"]
+
+CHOLESKY_TRIES = 4  # each retry multiplies the damping by 10
+
+
+def accumulate_cross(C: Tensor | None, count: int, X: Tensor, X_ref: Tensor) -> tuple[Tensor, int]:
+    """Fold paired inputs into the running cross product C = 2/n Σ x̃ xᵀ (C[a, b] = 2/n Σ x̃_a x_b),
+    scaled like `gptq.accumulate_hessian`'s H so that C − H is W's correction direction. `X`
+    [..., K]: the quantized model's inputs; `X_ref`: the unquantized model's, same shape; `count`:
+    the tokens already in C. float32, updated in place when given."""
+    X = X.reshape(-1, X.shape[-1])
+    X_ref = X_ref.reshape(-1, X_ref.shape[-1])
+    if X.shape != X_ref.shape:
+        raise ValueError(f"paired inputs differ in shape: {tuple(X.shape)} and {tuple(X_ref.shape)}")
+    rows = X.shape[0]
+    if C is None:
+        C = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    if rows == 0:
+        return C, count
+    total = count + rows
+    C.mul_(count / total)
+    scale = 2.0 / total
+    C.addmm_(X_ref.t().to(torch.float32), X.to(torch.float32), alpha=scale)
+    return C, total
+
+
+def propagated_target(W: Tensor, H: Tensor, C: Tensor, *, alpha: float = 1.0, damp: float = 0.01) -> Tensor:
+    """W + α · W (C − H)(H + λI)⁻¹ in float32 (a new tensor; W, H, C are not changed). λ is
+    `damp` × the mean of H's diagonal, as GPTQ damps; a dead column (H's diagonal 0: no input
+    reached it) keeps its weights. Raises NumericsError when the damped H is not positive
+    definite after retries or the target is not finite."""
+    W = W.to(torch.float32)
+    if alpha == 0:
+        return W.clone()
+    H = H.to(torch.float32)
+    D = C.to(torch.float32) - H
+    diag = torch.diagonal(H)
+    live = diag > 0
+    mean = torch.where(live, diag, torch.ones_like(diag)).mean()
+    for attempt in range(CHOLESKY_TRIES):
+        Hd = H.clone()
+        d = torch.diagonal(Hd)
+        d.add_(torch.where(live, damp * (10.0 ** attempt) * mean, torch.ones_like(d)))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            break
+    else:
+        raise NumericsError(f"the damped Hessian is not positive definite after {CHOLESKY_TRIES} tries "
+                            f"(damping up to {damp * 10 ** (CHOLESKY_TRIES - 1):g} x its mean diagonal)")
+    # ΔWᵀ = (H + λI)⁻¹ (C − H)ᵀ Wᵀ; a dead column's row of (C − H)ᵀ Wᵀ is 0, so its ΔW column is too
+    delta = torch.cholesky_solve(D.t() @ W.t(), L).t()
+    target = W + alpha * delta
+    if not bool(torch.isfinite(target).all()):
+        raise NumericsError("the propagated target has non-finite values; check the calibration data, "
+                            "or quantize without --propagate")
+    return target
