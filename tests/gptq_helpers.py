@@ -119,3 +119,34 @@ def dequantized_reference(folder: Path, dtype=torch.float32):
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in the state dict
     return model.eval()
+
+
+QUIET = {"SOLAR_QUANT_QUIET": "1"}
+
+
+def assert_resume_is_byte_identical(src: Path, tmp_path: Path, *flags: str) -> tuple[tuple, Path]:
+    """`quantize SRC --method gptq FLAGS` stopped after layer 0 (SIGTERM) and resumed writes the
+    folder of an uninterrupted run. Returns (the quantize arguments without OUT, the calibration
+    folder) for further checks on the staging folder `tmp_path / ".q.partial"` (resumed: gone)."""
+    from conftest import cli, tree_digest
+
+    calib = tmp_path / "calib"
+    cli("calibrate", "--model", src, "--out", calib, "--nsamples", "4", "--seqlen", "32", check=True)
+    args = ("quantize", src, "--method", "gptq", *flags, "--calibration", calib, "--checkpoint-every", "0")
+    cli(*args, tmp_path / "whole", check=True, env=QUIET)
+    stopped = cli(*args, tmp_path / "q", env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
+    assert stopped.returncode != 0 and not (tmp_path / "q").exists()
+    cli(*args, tmp_path / "q", "--resume", check=True, env=QUIET)
+    assert tree_digest(tmp_path / "q") == tree_digest(tmp_path / "whole")
+    return args, calib
+
+
+def assert_quantize_refused(src: Path, tmp_path: Path, flags: tuple, needles: tuple) -> None:
+    """A small quantize with FLAGS fails in one line naming every needle, leaving nothing behind."""
+    from conftest import assert_clean_failure, cli
+
+    out = tmp_path / "q"
+    proc = cli("quantize", src, out, "--bits", "4", "--group-size", "32", "--nsamples", "2", "--seqlen", "16",
+               *flags, env=QUIET)
+    assert_clean_failure(proc, *needles)
+    assert not out.exists() and not list(tmp_path.glob(".q*"))

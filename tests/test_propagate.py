@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 
-from conftest import assert_clean_failure, cli, tree_digest
-from gptq_helpers import dequantized_reference
+from conftest import assert_clean_failure, cli
+from gptq_helpers import QUIET, assert_quantize_refused, assert_resume_is_byte_identical, dequantized_reference
 from test_awq_math import _gqa_layer, _runner
-from test_gptq_pipeline import QUIET, _build, tiny_calib  # noqa: F401  (fixture)
+from test_gptq_pipeline import _build, tiny_calib  # noqa: F401  (fixture)
 
 from solar_quant.methods.gptq import accumulate_hessian
 from solar_quant.methods.propagate import accumulate_cross, propagated_target
@@ -151,18 +151,16 @@ def test_propagate_is_recorded_verified_and_fits_the_unquantized_model(tiny_llam
 
 def test_propagate_resumes_byte_identical(tiny_llama, tmp_path):
     """--propagate with --equalize stopped after layer 0 and resumed writes the folder of an
-    uninterrupted run (the resume point holds both streams); a resume with other options is refused."""
-    calib = tmp_path / "calib"
-    cli("calibrate", "--model", tiny_llama, "--out", calib, "--nsamples", "4", "--seqlen", "32", check=True)
-    args = ("quantize", tiny_llama, "--method", "gptq", "--bits", "3", "--group-size", "32", "--act-order",
-            "--clip", "gptq-loss", "--equalize", "--propagate", "0.5", "--calibration", calib, "--checkpoint-every", "0")
-    cli(*args, tmp_path / "whole", check=True, env=QUIET)
-    stopped = cli(*args, tmp_path / "q", env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
-    assert stopped.returncode != 0 and not (tmp_path / "q").exists()
-    other = cli(*args[:-6], "--calibration", calib, "--checkpoint-every", "0", tmp_path / "q", "--resume", env=QUIET)
-    assert other.returncode != 0 and "Traceback" not in other.stderr
-    cli(*args, tmp_path / "q", "--resume", check=True, env=QUIET)
-    assert tree_digest(tmp_path / "q") == tree_digest(tmp_path / "whole")
+    uninterrupted run (the resume point holds both streams); resuming it without --propagate is
+    refused in one line."""
+    flags = ("--bits", "3", "--group-size", "32", "--act-order", "--clip", "gptq-loss", "--equalize")
+    args, calib = assert_resume_is_byte_identical(tiny_llama, tmp_path, *flags, "--propagate", "0.5")
+    stopped = cli(*args, tmp_path / "r", env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
+    assert stopped.returncode != 0
+    other = cli("quantize", tiny_llama, "--method", "gptq", *flags, "--calibration", calib, "--checkpoint-every", "0",
+                tmp_path / "r", "--resume", env=QUIET)
+    assert_clean_failure(other, "--resume")
+    assert (tmp_path / ".r.partial" / ".job" / "job.json").is_file()
 
 
 @pytest.mark.parametrize("flags,needles", [
@@ -172,11 +170,7 @@ def test_propagate_resumes_byte_identical(tiny_llama, tmp_path):
     (("--method", "gptq", "--propagate", "-0.1"), ("propagate",)),
 ])
 def test_propagate_where_it_cannot_run_fails_cleanly(tiny_llama, tmp_path, flags, needles):
-    out = tmp_path / "q"
-    proc = cli("quantize", tiny_llama, out, "--bits", "4", "--group-size", "32", "--nsamples", "2", "--seqlen", "16",
-               *flags, env=QUIET)
-    assert_clean_failure(proc, *needles)
-    assert not out.exists() and not list(tmp_path.glob(".q*"))
+    assert_quantize_refused(tiny_llama, tmp_path, flags, needles)
 
 
 def test_the_estimates_count_the_second_stream():

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from conftest import assert_clean_failure, cli, tree_digest
-from test_gptq_pipeline import QUIET, _build, tiny_calib  # noqa: F401  (fixture)
+from gptq_helpers import assert_quantize_refused, assert_resume_is_byte_identical
+from test_gptq_pipeline import _build, tiny_calib  # noqa: F401  (fixture)
 
 from solar_quant.methods.gptq import accumulate_hessian, gptq_quantize
 from solar_quant.methods.grid import QuantSpec
@@ -127,15 +127,8 @@ def test_refine_is_recorded_verified_and_lowers_the_recorded_output_error(tiny_l
 
 def test_refine_resumes_byte_identical(tiny_llama, tmp_path):
     """--refine stopped after layer 0 and resumed writes the folder of an uninterrupted run."""
-    calib = tmp_path / "calib"
-    cli("calibrate", "--model", tiny_llama, "--out", calib, "--nsamples", "4", "--seqlen", "32", check=True)
-    args = ("quantize", tiny_llama, "--method", "gptq", "--bits", "3", "--group-size", "32", "--act-order",
-            "--clip", "gptq-loss", "--equalize", "--refine", "2", "--calibration", calib, "--checkpoint-every", "0")
-    cli(*args, tmp_path / "whole", check=True, env=QUIET)
-    stopped = cli(*args, tmp_path / "q", env={**QUIET, "SOLAR_QUANT_STOP_AFTER_LAYER": "0:term"})
-    assert stopped.returncode != 0 and not (tmp_path / "q").exists()
-    cli(*args, tmp_path / "q", "--resume", check=True, env=QUIET)
-    assert tree_digest(tmp_path / "q") == tree_digest(tmp_path / "whole")
+    assert_resume_is_byte_identical(tiny_llama, tmp_path, "--bits", "3", "--group-size", "32", "--act-order",
+                                    "--clip", "gptq-loss", "--equalize", "--refine", "2")
 
 
 @pytest.mark.parametrize("flags,needles", [
@@ -144,8 +137,4 @@ def test_refine_resumes_byte_identical(tiny_llama, tmp_path):
     (("--method", "gptq", "--refine", "-1"), ("refine",)),
 ])
 def test_refine_without_hessians_fails_cleanly(tiny_llama, tmp_path, flags, needles):
-    out = tmp_path / "q"
-    proc = cli("quantize", tiny_llama, out, "--bits", "4", "--group-size", "32", "--nsamples", "2", "--seqlen", "16",
-               *flags, env=QUIET)
-    assert_clean_failure(proc, *needles)
-    assert not out.exists() and not list(tmp_path.glob(".q*"))
+    assert_quantize_refused(tiny_llama, tmp_path, flags, needles)

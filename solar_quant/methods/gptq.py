@@ -34,13 +34,9 @@ def accumulate_hessian(H: Tensor | None, count: int, X: Tensor) -> tuple[Tensor,
     are exact there; only the summation order differs from a float32 product, ~2e-5 relative
     at the 70B's shapes: bench/README.md), everything else in float32."""
     X = X.reshape(-1, X.shape[-1])
-    rows = X.shape[0]
-    if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-    if rows == 0:
+    H, total = running_mean_start(H, count, X)
+    if total == count:
         return H, count
-    total = count + rows
-    H.mul_(count / total)
     XtX = _half_gram(X)
     if XtX is not None:
         H.add_(XtX, alpha=2.0 / total)
@@ -48,6 +44,18 @@ def accumulate_hessian(H: Tensor | None, count: int, X: Tensor) -> tuple[Tensor,
     X = X.to(torch.float32) * (2.0 / total) ** 0.5
     H.addmm_(X.t(), X)
     return H, total
+
+
+def running_mean_start(M: Tensor | None, count: int, X: Tensor) -> tuple[Tensor, int]:
+    """A running [K, K] mean over tokens made ready for the rows of `X` [rows, K]: float32 zeros
+    when None, else scaled in place by count / (count + rows); returned with the new count (the
+    caller adds 2/total times its product of X)."""
+    if M is None:
+        M = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    rows = X.shape[0]
+    if rows:
+        M.mul_(count / (count + rows))
+    return M, count + rows
 
 
 def _half_gram(X: Tensor) -> Tensor | None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
+from solar_quant.methods.gptq import running_mean_start
 
 __all__ = ["accumulate_cross", "propagated_target"]
 
@@ -37,15 +38,9 @@ def accumulate_cross(C: Tensor | None, count: int, X: Tensor, X_ref: Tensor) -> 
     X_ref = X_ref.reshape(-1, X_ref.shape[-1])
     if X.shape != X_ref.shape:
         raise ValueError(f"paired inputs differ in shape: {tuple(X.shape)} and {tuple(X_ref.shape)}")
-    rows = X.shape[0]
-    if C is None:
-        C = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-    if rows == 0:
-        return C, count
-    total = count + rows
-    C.mul_(count / total)
-    scale = 2.0 / total
-    C.addmm_(X_ref.t().to(torch.float32), X.to(torch.float32), alpha=scale)
+    C, total = running_mean_start(C, count, X)
+    if total > count:
+        C.addmm_(X_ref.t().to(torch.float32), X.to(torch.float32), alpha=2.0 / total)
     return C, total
 
 
