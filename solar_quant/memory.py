@@ -85,14 +85,9 @@ def quantize_host_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: i
     tensor; RTN one layer in fp32; GPTQ adds both fp32 copies of the calibration activations and
     two Hessians of the widest input (`options`, where the entry takes them, refine it: GPTQ's
     --propagate doubles the activations)."""
-    import inspect
-
     from solar_quant import registry
 
-    estimate = registry.method(method).host_memory
-    if options is not None and "options" in inspect.signature(estimate).parameters:
-        return estimate(shape, nsamples, seqlen, options=options)
-    return estimate(shape, nsamples, seqlen)
+    return registry.call_estimate(registry.method(method).host_memory, shape, nsamples, seqlen, options=options)
 
 
 # -- GPTQ layer placement -------------------------------------------------------------------------

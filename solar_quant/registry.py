@@ -126,7 +126,7 @@ class MethodEntry:
     variant: Callable[[Any], Variant]  # options -> what plan, --dry-run and the card count
     describe: Callable[[dict], str]  # the card's first words, from options.model_dump()
     cli_options: Callable[[dict], dict]  # quantize's flag values -> the options model's fields
-    host_memory: Callable[..., int]  # (shape, nsamples, seqlen) -> peak host bytes while quantizing
+    host_memory: Callable[..., int]  # (shape, nsamples, seqlen, options=None) -> peak host bytes while quantizing
     time_range: Callable[..., tuple[float, float]]  # (shape, nsamples, seqlen, device, source_bytes, options=None) -> s
     needs_calibration: bool = False
     uses_device: bool = True  # the builder runs on --device (checked before any work)
@@ -140,6 +140,16 @@ class MethodEntry:
     # and if not, the reason given when it is started with several processes
     distributed: bool = False
     serial_reason: str = "quantizes each weight alone, without calibration samples to share between processes"
+
+
+def call_estimate(estimate: Callable[..., Any], *args, options=None):
+    """A method entry's `host_memory` or `time_range` on `args`, given `options` where it takes
+    them (an entry, a plugin's above all, may model its cost from the shapes alone)."""
+    import inspect
+
+    if options is not None and "options" in inspect.signature(estimate).parameters:
+        return estimate(*args, options=options)
+    return estimate(*args)
 
 
 _FORMATS: dict[str, FormatEntry] = {}

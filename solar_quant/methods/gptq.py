@@ -293,15 +293,29 @@ def _damped_inverse_cholesky(H: Tensor, percdamp: float, log: Callable[[str], No
     H is damped in place (the caller owns this copy; a 70B down_proj Hessian is 3.3 GB). When a
     factorization fails, damping grows tenfold (logged) up to MAX_DAMP; beyond that
     NumericsError. Returns (Hinv, the damping fraction used, the number of retries)."""
+    return _damped(H, percdamp, _inverse_cholesky, log)
+
+
+def damped_cholesky(H: Tensor, percdamp: float, log: Callable[[str], None] | None = None
+                    ) -> tuple[Tensor, float, int]:
+    """Lower Cholesky factor of H + damp*I, damped in place and retried as GPTQ's own solve is
+    (`_damped_inverse_cholesky`). Returns (L, the damping fraction used, the number of retries)."""
+    return _damped(H, percdamp, _cholesky, log)
+
+
+def _damped(H: Tensor, percdamp: float, factor: Callable[[Tensor], Tensor | None],
+            log: Callable[[str], None] | None) -> tuple[Tensor, float, int]:
+    """`factor(H + damp*I)` with damp = percdamp * mean(diag(H)), H damped in place; damping grows
+    tenfold (logged) while `factor` gives None, up to MAX_DAMP, beyond that NumericsError."""
     mean_diag = torch.mean(torch.diag(H))
     diag = torch.arange(H.shape[0], device=H.device)
     fraction, added, retries = percdamp, 0.0, 0
     while True:
         H[diag, diag] += (fraction - added) * mean_diag
         added = fraction
-        Hinv = _inverse_cholesky(H)
-        if Hinv is not None:
-            return Hinv, fraction, retries
+        result = factor(H)
+        if result is not None:
+            return result, fraction, retries
         if fraction * DAMP_GROWTH > MAX_DAMP * (1 + 1e-9):
             raise NumericsError(f"Cholesky factorization failed even with damping {fraction:g} × mean(diag(H)); "
                                 f"the Hessian is not positive semi-definite")
@@ -309,6 +323,11 @@ def _damped_inverse_cholesky(H: Tensor, percdamp: float, log: Callable[[str], No
             log(f"Cholesky failed with damping {fraction:g}; retrying with {fraction * DAMP_GROWTH:g}")
         fraction *= DAMP_GROWTH
         retries += 1
+
+
+def _cholesky(H: Tensor) -> Tensor | None:
+    L, info = torch.linalg.cholesky_ex(H)
+    return L if info.item() == 0 else None
 
 
 def _inverse_cholesky(H: Tensor) -> Tensor | None:

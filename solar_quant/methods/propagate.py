@@ -22,12 +22,9 @@ import torch
 from torch import Tensor
 
 from solar_quant.errors import NumericsError
-from solar_quant.methods.gptq import running_mean_start
+from solar_quant.methods.gptq import damped_cholesky, running_mean_start
 
 __all__ = ["accumulate_cross", "propagated_target"]
-
-CHOLESKY_TRIES = 4  # each retry multiplies the damping by 10
-
 
 def accumulate_cross(C: Tensor | None, count: int, X: Tensor, X_ref: Tensor) -> tuple[Tensor, int]:
     """Fold paired inputs into the running cross product C = 2/n Σ x̃ xᵀ (C[a, b] = 2/n Σ x̃_a x_b),
@@ -47,26 +44,19 @@ def accumulate_cross(C: Tensor | None, count: int, X: Tensor, X_ref: Tensor) -> 
 def propagated_target(W: Tensor, H: Tensor, C: Tensor, *, alpha: float = 1.0, damp: float = 0.01) -> Tensor:
     """W + α · W (C − H)(H + λI)⁻¹ in float32 (a new tensor; W, H, C are not changed). λ is
     `damp` × the mean of H's diagonal, as GPTQ damps; a dead column (H's diagonal 0: no input
-    reached it) keeps its weights. Raises NumericsError when the damped H is not positive
-    definite after retries or the target is not finite."""
+    reached it) keeps its weights, its diagonal set to 1 as GPTQ sets it. The damping grows on a
+    failed factorization as in GPTQ's own solve (`gptq.damped_cholesky`), which raises
+    NumericsError beyond its bound; NumericsError too when the target is not finite."""
     W = W.to(torch.float32)
     if alpha == 0:
         return W.clone()
     H = H.to(torch.float32)
     D = C.to(torch.float32) - H
-    diag = torch.diagonal(H)
-    live = diag > 0
-    mean = torch.where(live, diag, torch.ones_like(diag)).mean()
-    for attempt in range(CHOLESKY_TRIES):
-        Hd = H.clone()
-        d = torch.diagonal(Hd)
-        d.add_(torch.where(live, damp * (10.0 ** attempt) * mean, torch.ones_like(d)))
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            break
-    else:
-        raise NumericsError(f"the damped Hessian is not positive definite after {CHOLESKY_TRIES} tries "
-                            f"(damping up to {damp * 10 ** (CHOLESKY_TRIES - 1):g} x its mean diagonal)")
+    Hd = H.clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1
+    L, _, _ = damped_cholesky(Hd, damp)
+    del Hd
     # ΔWᵀ = (H + λI)⁻¹ (C − H)ᵀ Wᵀ; a dead column's row of (C − H)ᵀ Wᵀ is 0, so its ΔW column is too
     delta = torch.cholesky_solve(D.t() @ W.t(), L).t()
     target = W + alpha * delta

@@ -78,14 +78,10 @@ def host_memory_bytes(shape: LlamaShape, method: str, nsamples: int, seqlen: int
 def time_range_s(shape: LlamaShape, method: str, nsamples: int, seqlen: int, device: str, source_bytes: int,
                  options=None) -> tuple[float, float]:
     """The method's own wall-time range (its entry's `time_range`; `options` refine it where they matter)."""
-    import inspect
-
     from solar_quant import registry
 
-    estimate = registry.method(method).time_range
-    if options is not None and "options" in inspect.signature(estimate).parameters:
-        return estimate(shape, nsamples, seqlen, device, source_bytes, options=options)
-    return estimate(shape, nsamples, seqlen, device, source_bytes)
+    return registry.call_estimate(registry.method(method).time_range, shape, nsamples, seqlen, device, source_bytes,
+                                  options=options)
 
 
 def gptq_compute_s(shape: LlamaShape, nsamples: int, seqlen: int, device: str, clip: bool = False,

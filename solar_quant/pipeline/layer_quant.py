@@ -172,20 +172,20 @@ def stage_statistics(inputs: Iterable[torch.Tensor], accumulate: Callable = accu
     C = 2/n Σ x̃ xᵀ (`propagate.accumulate_cross`), else None), from one pass over the inputs.
     With several ranks, `reduce` sums the Hessian (and C) and `reduce_sum(t)` the per-feature
     sums of |x| over every rank's tokens (the same mean everywhere)."""
-    H, count, sums, C, cross_count = None, 0, None, None, 0
+    H, count, sums, C = None, 0, None, None
     references = iter(paired) if paired is not None else None
     for X in inputs:
         X = X.reshape(-1, X.shape[-1])
+        if references is not None:  # C holds the same tokens as H
+            C, _ = accumulate_cross(C, count, X, next(references))
         H, count = accumulate(H, count, X)
-        if references is not None:
-            C, cross_count = accumulate_cross(C, cross_count, X, next(references))
         if mean_abs:
             a = X.abs().sum(dim=0, dtype=torch.float32)
             sums = a if sums is None else sums.add_(a)
     if reduce is not None and H is not None:
         H, total = reduce(H, count)
         if C is not None:
-            C = reduce(C, cross_count)[0]
+            C = reduce(C, count)[0]
         if sums is not None and reduce_sum is not None:
             sums, count = reduce_sum(sums), total
     means = sums / max(1, count) if sums is not None else None
@@ -281,13 +281,17 @@ def _targets(label: str, weights: list[torch.Tensor], H, C, cfg: LayerQuantConfi
     """The group's propagated targets (one solve for the stacked rows: they share H and C)."""
     Ws = [w.detach().to(torch.float32) for w in weights]
     try:
-        if not H.any():
-            raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
-                                "check the source weights (e.g. a zeroed layer norm) or the calibration data")
+        _require_inputs(H)
         T = propagated_target(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, C, alpha=cfg.propagate, damp=cfg.damp)
     except NumericsError as e:
         raise NumericsError(f"{label}: --propagate: {e}") from None
     return list(T.split([w.shape[0] for w in Ws])) if len(Ws) > 1 else [T]
+
+
+def _require_inputs(H: torch.Tensor) -> None:
+    if not H.any():
+        raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
+                            "check the source weights (e.g. a zeroed layer norm) or the calibration data")
 
 
 def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec, cfg: LayerQuantConfig, log,
@@ -297,9 +301,8 @@ def _quantize_group(label: str, weights: list[torch.Tensor], H, spec: QuantSpec,
     Ws = [w.detach().to(torch.float32) for w in weights]
     try:
         with one_cpu_thread(Ws[0].device):
-            if H is not None and not H.any():
-                raise NumericsError("its Hessian is all zeros: every calibration input to it was 0 (dead inputs); "
-                                    "check the source weights (e.g. a zeroed layer norm) or the calibration data")
+            if H is not None:
+                _require_inputs(H)
             if world is not None and world.distributed and H is not None:
                 return _quantize_rows(Ws, H, spec, cfg, label, log, world,
                                       sources=[w.detach().to(torch.float32) for w in sources] if sources else None)
